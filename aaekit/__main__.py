@@ -1,0 +1,3 @@
+from aaekit.cli import main
+
+main(prog_name="aaekit")

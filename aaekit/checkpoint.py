@@ -1,0 +1,175 @@
+"""Checkpoints that load without executing code: tensors in safetensors, everything else in JSON.
+
+Each checkpoint is a folder ``checkpoints/step-NNNNNNNN`` written under a temporary name and renamed
+into place, so an interrupted write never leaves a folder ``--resume`` would pick. ``state.json`` is
+written last and names every file with its size, so a truncated or corrupt file is detected on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from aaekit.errors import UserError
+
+PREFIX = "step-"
+KEEP = 3
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} file not found; was the run finished (or checkpointed)?")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: corrupt or unreadable safetensors file ({exc}); "
+                        "restore it or retrain (it is not a pickle and will not be loaded as one)") from None
+
+
+# --- optimizer state: tensors to safetensors, the rest to JSON ------------------------------------
+
+def optimizer_to_files(name: str, state_dict: dict, tensors: dict) -> dict:
+    meta_state = {}
+    for index, slots in state_dict["state"].items():
+        entry = {}
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{index}/{key}"] = value
+                entry[key] = "tensor"
+            else:
+                entry[key] = value
+        meta_state[str(index)] = entry
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return {"state": meta_state, "param_groups": groups}
+
+
+def optimizer_from_files(name: str, meta: dict, tensors: dict) -> dict:
+    state = {}
+    for index, slots in meta["state"].items():
+        state[int(index)] = {
+            key: tensors[f"{name}/{index}/{key}"] if value == "tensor" else value for key, value in slots.items()
+        }
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# --- checkpoint folders ------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+    model: dict[str, torch.Tensor]
+    optimizers: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+
+FILES = ("model.safetensors", "optimizers.safetensors", "rng.safetensors")
+
+
+def write_checkpoint(root: Path, step: int, model: dict, optimizers: dict, rng: dict, state: dict) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, tensors in zip(FILES, (model, optimizers, rng)):
+        save_tensors(tensors, tmp / name)
+    state = dict(state, files={name: (tmp / name).stat().st_size for name in FILES})
+    write_json(state, tmp / "state.json")
+    if final.exists():  # same step written again (e.g. end of run right after a periodic save)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for stale in list_checkpoints(root)[KEEP:]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders, newest first (temporary folders of interrupted writes are skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}/state.json: missing or corrupt ({exc})") from None
+    for name, size in state.get("files", {}).items():
+        actual = (path / name).stat().st_size if (path / name).exists() else None
+        if actual != size:
+            raise UserError(f"{path}/{name}: expected {size} bytes, found {actual}; the file is truncated or missing")
+    model, optimizers, rng = (load_tensors(path / name, "checkpoint") for name in FILES)
+    return Checkpoint(path, state, model, optimizers, rng)
+
+
+def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:
+    """The newest checkpoint that loads; corrupt ones are reported and skipped."""
+    problems = []
+    for path in list_checkpoints(root):
+        try:
+            checkpoint = read_checkpoint(path)
+        except UserError as exc:
+            problems.append(str(exc))
+            warn(f"warning: skipping corrupt checkpoint {path.name}: {exc}")
+            continue
+        if problems:
+            warn(f"resuming from the previous good checkpoint {path.name}")
+        return checkpoint
+    if problems:
+        raise UserError("no usable checkpoint in " + str(root) + ":\n" + "\n".join(problems))
+    return None

@@ -1,0 +1,143 @@
+"""The small interfaces a plugin implements: Prior, Posterior, Dataset, Head.
+
+Each component class declares ``name`` (how recipes refer to it), ``params`` (the recipe keys it
+accepts, checked before anything is built) and a one-line docstring shown by ``aaekit plugins``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from aaekit.params import Param
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """One latent code of the posterior: continuous (``z``) or categorical (``y``, a softmax)."""
+
+    name: str
+    kind: str  # "continuous" | "categorical"
+    dim: int
+
+
+class Component:
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+
+    @classmethod
+    def check_recipe(cls, params: dict, context: dict) -> list[str]:
+        """Extra checks that need the rest of the recipe (``context``); return problems, one per line.
+
+        ``context`` holds e.g. ``dim`` (the code's size) for a prior. Keys are named relative to the
+        component's table, e.g. ``"components: ..."``.
+        """
+        return []
+
+
+class Prior(Component):
+    """p(z): only sampling is required (the point of the paper).
+
+    ``dim`` is the code size; ``num_components`` is the number of labelled components (mixture
+    components, swiss-roll segments, categories) or None. ``sample(n, labels)`` draws, for each row,
+    from the component given in ``labels`` (a LongTensor) when the prior has components.
+    """
+
+    num_components: int | None = None
+
+    def __init__(self, dim: int, **params):
+        self.dim = dim
+
+    @classmethod
+    def components(cls, params: dict, dim: int) -> int | None:
+        """How many labelled components a prior with these params has (checked before building)."""
+        return cls.num_components
+
+    def sample(self, n: int, labels: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Posterior(nn.Module, Component):
+    """q(codes | x): an nn.Module whose ``forward(x, generator=None)`` returns a dict of codes.
+
+    For each categorical code ``y`` it returns the softmax probabilities under ``y`` and the logits
+    under ``y_logits``. ``generator`` drives any noise (reparameterisation, η) so runs stay seeded.
+    """
+
+    def __init__(self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], **params):
+        super().__init__()
+        self.input_dim = input_dim
+        self.codes = list(codes)
+
+
+@dataclass
+class ArrayData:
+    """A split held as tensors: ``x`` uint8 (pixels, scaled by 1/255) or float32, ``y`` int64 (-1: none)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class Dataset(Component):
+    """A source of (x, label) pairs. ``load(split)`` returns ArrayData for "train" or "test".
+
+    Declares ``input_shape`` (of one example, e.g. (28, 28)), ``num_classes`` (or None) and
+    ``value_range`` ((0, 1) for pixels).
+    """
+
+    input_shape: tuple[int, ...] = ()
+    num_classes: int | None = None
+    value_range: tuple[float, float] = (0.0, 1.0)
+
+    def __init__(self, **params):
+        pass
+
+    @classmethod
+    def classes(cls, params: dict) -> int | None:
+        """How many classes the dataset with these params has (checked before loading it)."""
+        return cls.num_classes
+
+    def load(self, split: str) -> ArrayData:
+        raise NotImplementedError
+
+
+class Head(nn.Module, Component):
+    """Adds what a mode needs on top of encoder, decoder and discriminators. Override what applies:
+
+    - ``decoder_input(codes, labels)``: the decoder's input built from the codes (e.g. W_c·y + z);
+      return None to keep the default (all codes concatenated).
+    - ``reconstruction_penalty()``: a loss added in the reconstruction phase (e.g. cluster-head distance).
+    - ``classification_loss(codes, labels)``: the semi-supervised phase's loss on a labelled batch.
+    - ``decoder_input_dim``: the size of what ``decoder_input`` returns, when it returns something.
+    """
+
+    decoder_input_dim: int | None = None
+
+    def __init__(self, *, codes: list[CodeSpec], num_classes: int | None, **params):
+        super().__init__()
+        self.codes = list(codes)
+        self.num_classes = num_classes
+
+    def forward(self, codes: dict, labels: torch.Tensor | None) -> torch.Tensor | None:
+        # forward is decoder_input, so a head with weights trains through its DDP wrapper
+        return self.decoder_input(codes, labels)
+
+    def decoder_input(self, codes: dict, labels: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def reconstruction_penalty(self) -> torch.Tensor | None:
+        return None
+
+    def classification_loss(self, codes: dict, labels: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    @property
+    def has_classification_loss(self) -> bool:
+        return type(self).classification_loss is not Head.classification_loss

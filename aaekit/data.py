@@ -1,0 +1,101 @@
+"""Data held on the device as one tensor, so a batch is one index operation, and the engine's own seeded
+batch order, whose state is part of every checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from aaekit.contracts import ArrayData
+
+
+class ShuffledBatches:
+    """An endless sequence of seeded permutations of ``n`` items, taken ``k`` at a time.
+
+    The state (generator state when the current permutation was drawn, and the position in it) is small
+    and exact, so a resumed run draws the very same batches.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("ShuffledBatches needs at least one item")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self._pass_start_state = self.generator.get_state()
+        self.perm = torch.randperm(n, generator=self.generator)
+        self.position = 0
+        self.passes = 0
+
+    def start_pass(self) -> None:
+        self._pass_start_state = self.generator.get_state()
+        self.perm = torch.randperm(self.n, generator=self.generator)
+        self.position = 0
+        self.passes += 1
+
+    def take(self, k: int) -> torch.Tensor:
+        parts = []
+        while k > 0:
+            if self.position >= self.n:
+                self.start_pass()
+            chunk = self.perm[self.position:self.position + k]
+            self.position += len(chunk)
+            k -= len(chunk)
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state(self) -> tuple[dict, torch.Tensor]:
+        return {"position": self.position, "passes": self.passes}, self._pass_start_state.clone()
+
+    def restore(self, info: dict, generator_state: torch.Tensor) -> None:
+        self.generator.set_state(generator_state)
+        self._pass_start_state = generator_state.clone()
+        self.perm = torch.randperm(self.n, generator=self.generator)
+        self.position = int(info["position"])
+        self.passes = int(info["passes"])
+
+
+class DeviceData:
+    """A split resident on the device: ``x`` as stored (uint8 pixels stay uint8 until batched)."""
+
+    def __init__(self, data: ArrayData, device: torch.device):
+        self.x = data.x.reshape(len(data), -1).to(device)
+        self.y = data.y.to(device=device, dtype=torch.long)
+        self.scale = 1.0 / 255.0 if self.x.dtype == torch.uint8 else None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def inputs(self, index: torch.Tensor) -> torch.Tensor:
+        x = self.x[index]
+        return x.float().mul_(self.scale) if self.scale is not None else x.float()
+
+
+def split_off(data: ArrayData, count: int, seed: int) -> tuple[ArrayData, ArrayData]:
+    """Hold out ``count`` random examples (seeded): returns (rest, held_out)."""
+    if count <= 0:
+        return data, ArrayData(data.x[:0], data.y[:0])
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    held, rest = perm[:count].sort().values, perm[count:].sort().values
+    return ArrayData(data.x[rest], data.y[rest]), ArrayData(data.x[held], data.y[held])
+
+
+def balanced_subset(labels: torch.Tensor, count: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of ``count`` examples, as equal per class as possible, chosen reproducibly from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    per_class = [count // num_classes + (1 if c < count % num_classes else 0) for c in range(num_classes)]
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if len(members) < per_class[c]:
+            raise ValueError(f"class {c} has only {len(members)} examples, {per_class[c]} requested")
+        pick = torch.randperm(len(members), generator=generator)[: per_class[c]]
+        chosen.append(members[pick])
+    return torch.cat(chosen).sort().values
+
+
+def labelled_count(setting, n: int) -> int:
+    """How many training examples a ``data.labelled`` setting ("all", a count or a fraction) labels."""
+    if setting == "all":
+        return n
+    if isinstance(setting, float):
+        return int(round(setting * n))
+    return min(int(setting), n)

@@ -1,0 +1,508 @@
+"""The engine: the paper's alternating schedule on Accelerate.
+
+Every mini-batch:
+  1. reconstruction phase  - encoder + decoder (and heads) minimise reconstruction error;
+  2. regularization phase  - for each code: discriminator step (prior samples real, codes fake),
+                             then one generator step for the encoder over all codes;
+  3. classification phase  - where a head has a labelled loss: encoder on a labelled mini-batch.
+Each phase does its own forward pass through the prepared (DDP-wrapped) modules, so gradients are
+averaged across ranks in every phase. The engine knows no concrete prior, posterior, dataset or head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from aaekit import checkpoint as ckpt
+from aaekit.data import DeviceData, ShuffledBatches, balanced_subset, labelled_count, split_off
+from aaekit.errors import TrainingStopped, UserError
+from aaekit.model import AAE, build_model
+from aaekit.recipe import Recipe
+
+# Recipe keys that may change when a run is resumed: extending it, or checkpointing differently.
+RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every",
+                     "train.pictures", "train.imbalance_warning_steps"}
+
+
+def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    kind = settings["name"]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
+                               nesterov=settings["nesterov"], weight_decay=settings["weight_decay"], foreach=True)
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    # fused kernels do the whole update in one pass; foreach where fused is unavailable
+    fused = device.type in ("cuda", "cpu")
+    return cls(params, lr=settings["lr"], betas=tuple(settings["betas"][:2]), weight_decay=settings["weight_decay"],
+               fused=fused, foreach=None if fused else True)
+
+
+def lr_scale(epoch: int, milestones: list[int], gamma: float) -> float:
+    """The paper's step schedule: multiply by gamma at each milestone epoch (0-based epochs)."""
+    return gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: Path, registry, *, log_with: str | None = None,
+                 accelerator: Accelerator | None = None):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.registry = registry
+        values = recipe.values
+        self.train_cfg = values["train"]
+        self.seed = values["run"]["seed"]
+
+        dataset_entry = registry.get("dataset", values["data"]["name"])
+        has_classification = any(
+            registry.get("head", h["name"]).cls.classification_loss is not _head_base_loss()
+            for h in values["heads"].values()
+        )
+        # Phases that use only part of the encoder (a classification step ignores z) need DDP to
+        # look for unused parameters; single-code models skip that cost.
+        partial_phases = has_classification or len(values["codes"]) > 1
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=values["run"]["mixed_precision"],
+            log_with=log_with,
+            project_dir=str(self.run_dir),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_phases)],
+        )
+        acc = self.accelerator
+        world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world_env > 1 and acc.num_processes == 1:
+            raise UserError(
+                f"WORLD_SIZE={world_env} but Accelerate sees a single process, so each process would train "
+                "alone. On CPU use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+                "--num_machines 1 -m aaekit run ...; on GPUs: accelerate launch --multi_gpu ..."
+            )
+        batch = self.train_cfg["batch_size"]
+        if batch % acc.num_processes:
+            raise UserError(f"{recipe.path}: train.batch_size: {batch} does not split over "
+                            f"{acc.num_processes} processes; use a multiple of {acc.num_processes}")
+        self.local_batch = batch // acc.num_processes
+        self.device = acc.device
+
+        # ---- data: held on the device, split and labelled reproducibly from the run seed ----
+        torch.manual_seed(self.seed)
+        dataset = dataset_entry.cls(**{k: v for k, v in values["data"].items()
+                                        if k not in ("name", "labelled", "validation")})
+        self.dataset = dataset
+        train, validation = split_off(dataset.load("train"), values["data"]["validation"], self.seed + 1)
+        self.num_classes = dataset.num_classes
+        self.train_data = DeviceData(train, self.device)
+        self.validation_data = DeviceData(validation, self.device) if len(validation) else None
+        n_train = len(self.train_data)
+        if n_train < batch:
+            raise UserError(f"{recipe.path}: train.batch_size: {batch} is larger than the training set ({n_train})")
+        self.steps_per_epoch = n_train // batch
+        n_labelled = labelled_count(values["data"]["labelled"], n_train) if self.num_classes else 0
+        self.labelled_mask = torch.zeros(n_train, dtype=torch.bool)
+        if n_labelled >= n_train:
+            self.labelled_index = torch.arange(n_train)
+        elif n_labelled > 0:
+            self.labelled_index = balanced_subset(train.y, n_labelled, self.num_classes, self.seed + 2)
+        else:
+            self.labelled_index = torch.arange(0)
+        self.labelled_mask[self.labelled_index] = True
+        self.labelled_mask = self.labelled_mask.to(self.device)
+        if has_classification and len(self.labelled_index) == 0:
+            raise UserError(f"{recipe.path}: data.labelled: a classification head needs labelled examples")
+
+        # ---- model, one optimizer per phase (and per discriminator), all through prepare ----
+        self.model: AAE = build_model(recipe, registry, dataset.input_shape, self.num_classes)
+        m = self.model
+        trainable_heads = {k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())}
+        optim = values["optim"]
+        self.opt_reconstruction = make_optimizer(
+            optim["reconstruction"],
+            [*m.encoder.parameters(), *m.decoder.parameters(), *(p for h in trainable_heads.values() for p in h.parameters())],
+            self.device)
+        self.opt_discriminators = {c: make_optimizer(optim["discriminator"], list(d.parameters()), self.device)
+                                   for c, d in m.discriminators.items()}
+        self.opt_generator = make_optimizer(optim["generator"], list(m.encoder.parameters()), self.device)
+        self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
+        self.opt_classification = (
+            make_optimizer(optim["classification"], list(m.encoder.parameters()), self.device)
+            if self.classifying_heads else None
+        )
+        self.optimizers = {"reconstruction": self.opt_reconstruction, "generator": self.opt_generator,
+                           **{f"discriminator.{c}": o for c, o in self.opt_discriminators.items()}}
+        if self.opt_classification is not None:
+            self.optimizers["classification"] = self.opt_classification
+
+        self.start = {"step": 0, "epoch": 0}
+        self._resume_checkpoint = None
+
+    # ------------------------------------------------------------------------------------------------
+    def prepare(self, checkpoint: ckpt.Checkpoint | None) -> None:
+        acc, m = self.accelerator, self.model
+        if checkpoint is not None:
+            missing = set(m.state_dict()) ^ set(checkpoint.model)
+            if missing:
+                raise UserError(f"{checkpoint.path}: model weights do not match this recipe "
+                                f"(differing keys: {sorted(missing)[:5]}...)")
+            m.load_state_dict(checkpoint.model)
+        disc_names = list(m.discriminators)
+        head_names = [k for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())]
+        opt_names = list(self.optimizers)
+        prepared = acc.prepare(m.encoder, m.decoder, *(m.discriminators[c] for c in disc_names),
+                               *(m.heads[k] for k in head_names), *(self.optimizers[o] for o in opt_names))
+        self.encoder, self.decoder = prepared[0], prepared[1]
+        self.discriminators = dict(zip(disc_names, prepared[2:2 + len(disc_names)]))
+        rest = prepared[2 + len(disc_names):]
+        self.heads = {k: h for k, h in m.heads.items()}
+        self.heads.update(dict(zip(head_names, rest[:len(head_names)])))
+        self.optimizers = dict(zip(opt_names, rest[len(head_names):]))
+        self.opt_reconstruction = self.optimizers["reconstruction"]
+        self.opt_generator = self.optimizers["generator"]
+        self.opt_discriminators = {c: self.optimizers[f"discriminator.{c}"] for c in disc_names}
+        self.opt_classification = self.optimizers.get("classification")
+
+        # Generators: batch order is shared by all ranks (each takes its slice); noise differs per rank.
+        self.batches = ShuffledBatches(len(self.train_data), self.seed)
+        self.labelled_batches = (ShuffledBatches(len(self.labelled_index), self.seed + 3)
+                                 if len(self.labelled_index) else None)
+        self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 7 + acc.process_index)
+        self.imbalance = {c: 0 for c in m.discriminators}
+        self.warned_imbalance: set[str] = set()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # ------------------------------------------------------------------------------------------------
+    # The three phases of the paper's schedule.
+
+    def encode(self, x: torch.Tensor) -> dict:
+        noise_std = self.recipe.values["encoder"]["input_noise"]
+        if noise_std > 0:  # §5: Gaussian noise on the encoder input
+            x = x + noise_std * torch.randn(x.shape, generator=self.noise, device=x.device)
+        return self.encoder(x, generator=self.noise)
+
+    def reconstruction_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.recipe.values["decoder"]["loss"] == "bce":
+            return F.binary_cross_entropy_with_logits(logits, x)
+        return F.mse_loss(self.model.to_data_space(logits), x)
+
+    def reconstruction_phase(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Update encoder + decoder to reconstruct x (and heads, with their penalties)."""
+        self.opt_reconstruction.zero_grad(set_to_none=True)
+        codes = self.encode(x)
+        logits = self.decoder(self.model.decoder_input(codes, labels, self.heads))
+        loss = self.reconstruction_loss(logits, x)
+        out = {"loss/reconstruction": loss.detach()}
+        for key, head in self.model.heads.items():
+            penalty = head.reconstruction_penalty()
+            if penalty is not None:
+                out[f"loss/penalty.{key}"] = penalty.detach()
+                loss = loss + penalty
+        self.accelerator.backward(loss)
+        self.opt_reconstruction.step()
+        return out
+
+    def prior_samples(self, code: str, disc_labels: torch.Tensor) -> torch.Tensor:
+        """Samples of the code's prior; with labels, labelled rows come from their own component."""
+        prior = self.model.priors[code]
+        n = disc_labels.shape[0]
+        components = None
+        if prior.num_components:
+            components = torch.randint(prior.num_components, (n,), generator=self.noise, device=self.device)
+            if self.model.label_conditioned.get(code):
+                components = torch.where(disc_labels >= 0, disc_labels, components)
+        return prior.sample(n, components, generator=self.noise, device=self.device)
+
+    def regularization_phase(self, x: torch.Tensor, disc_labels: torch.Tensor) -> dict:
+        """For each code: a discriminator step; then one generator step for the encoder over all codes."""
+        m, out = self.model, {}
+        codes = self.encode(x)  # the encoder is not changed by discriminator steps, so one forward serves both
+        for name, discriminator in self.discriminators.items():
+            opt = self.opt_discriminators[name]
+            opt.zero_grad(set_to_none=True)
+            real = m.discriminator_input(name, self.prior_samples(name, disc_labels), disc_labels)
+            fake = m.discriminator_input(name, codes[name].detach(), disc_labels)
+            logits = discriminator(torch.cat([real, fake])).float().flatten()  # one call for both sides
+            n = real.shape[0]
+            target = torch.cat([torch.ones(n, device=self.device), torch.zeros(n, device=self.device)])
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+            self.accelerator.backward(loss)
+            opt.step()
+            with torch.no_grad():
+                out[f"loss/discriminator.{name}"] = loss.detach()
+                out[f"accuracy/prior.{name}"] = (logits[:n] > 0).float().mean()
+                out[f"accuracy/code.{name}"] = (logits[n:] < 0).float().mean()
+
+        self.opt_generator.zero_grad(set_to_none=True)
+        g_loss = 0.0
+        with self.frozen_discriminators():
+            for name in self.discriminators:
+                # The raw module: its weights are not updated here, so no gradient sync is needed for them.
+                logits = m.discriminators[name](m.discriminator_input(name, codes[name], disc_labels)).float()
+                loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+                out[f"loss/generator.{name}"] = loss.detach()
+                g_loss = g_loss + self.recipe.codes[name]["discriminator"]["weight"] * loss
+        self.accelerator.backward(g_loss)
+        self.opt_generator.step()
+        return out
+
+    def classification_phase(self) -> dict:
+        """Semi-supervised phase: the heads' loss on a labelled mini-batch updates the encoder only."""
+        index = self.rank_slice(self.labelled_batches.take(self.train_cfg["batch_size"]))
+        index = self.labelled_index[index].to(self.device)
+        x, labels = self.train_data.inputs(index), self.train_data.y[index]
+        self.opt_classification.zero_grad(set_to_none=True)
+        codes = self.encode(x)
+        loss = sum(head.classification_loss(codes, labels) for head in self.classifying_heads.values())
+        self.accelerator.backward(loss)
+        self.opt_classification.step()
+        return {"loss/classification": loss.detach()}
+
+    @contextmanager
+    def frozen_discriminators(self):
+        """No weight gradients for discriminators during the generator step (they would be discarded)."""
+        params = [p for d in self.model.discriminators.values() for p in d.parameters()]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def rank_slice(self, global_index: torch.Tensor) -> torch.Tensor:
+        b, r = global_index.shape[0] // self.accelerator.num_processes, self.accelerator.process_index
+        return global_index[r * b:(r + 1) * b]
+
+    def train_step(self, index: torch.Tensor) -> dict:
+        x = self.train_data.inputs(index)
+        labels = self.train_data.y[index]
+        disc_labels = torch.where(self.labelled_mask[index], labels, torch.full_like(labels, -1))
+        metrics = self.reconstruction_phase(x, labels)
+        metrics.update(self.regularization_phase(x, disc_labels))
+        if self.opt_classification is not None:
+            metrics.update(self.classification_phase())
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the recipe's end; returns the last logged metrics."""
+        acc, cfg = self.accelerator, self.train_cfg
+        total_steps = cfg["epochs"] * self.steps_per_epoch
+        if cfg["max_steps"]:
+            total_steps = min(total_steps, cfg["max_steps"])
+        step, epoch = self.start["step"], self.start["epoch"]
+        step_in_epoch = step - epoch * self.steps_per_epoch
+        sums: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        last: dict = {}
+        self._last_good = None
+        from aaekit.progress import Progress  # rich, kept out of import time of the CLI
+
+        progress = Progress(total_steps, step, enabled=acc.is_main_process)
+        try:
+            with progress:
+                while step < total_steps:
+                    if step_in_epoch == 0:
+                        self.set_epoch_lr(epoch)
+                        if step > 0 or self.batches.position > 0:
+                            self.batches.start_pass()  # drop the remainder of the last pass
+                    index = self.rank_slice(self.batches.take(cfg["batch_size"])).to(self.device)
+                    for k, v in self.train_step(index).items():
+                        sums[k] = sums[k] + v if k in sums else v.clone()
+                    step, step_in_epoch, window_steps = step + 1, step_in_epoch + 1, window_steps + 1
+                    epoch_done = step_in_epoch == self.steps_per_epoch
+                    if epoch_done:
+                        epoch, step_in_epoch = epoch + 1, 0
+                    at_end = step == total_steps
+                    ckpt_due = cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0
+                    if step % cfg["log_every"] == 0 or epoch_done or at_end or ckpt_due:
+                        elapsed = time.perf_counter() - window_start
+                        last = self.log(sums, window_steps, elapsed, step, epoch, epoch_done)
+                        progress.update(step, epoch, last)
+                        sums, window_steps, window_start = {}, 0, time.perf_counter()
+                    if ckpt_due and not at_end:
+                        self.save_checkpoint(step, epoch)
+        except KeyboardInterrupt:
+            if sums:
+                self.log(sums, window_steps, time.perf_counter() - window_start, step, epoch, False)
+            self.save_checkpoint(step, epoch)
+            raise TrainingStopped(f"interrupted at step {step}; checkpoint written to {self.run_dir / 'checkpoints'}; "
+                                  "continue with --resume", exit_code=130) from None
+        self.save_checkpoint(step, epoch)
+        self.finish(last)
+        return last
+
+    def set_epoch_lr(self, epoch: int) -> None:
+        scale = lr_scale(epoch, self.train_cfg["lr_milestones"], self.train_cfg["lr_gamma"])
+        phase_of = lambda name: name.split(".")[0]  # noqa: E731
+        for name, opt in self.optimizers.items():
+            base = self.recipe.values["optim"][phase_of(name)]["lr"]
+            for group in opt.param_groups:
+                group["lr"] = base * scale
+
+    # ------------------------------------------------------------------------------------------------
+    def log(self, sums: dict, steps: int, elapsed: float, step: int, epoch: int, epoch_done: bool) -> dict:
+        """One host sync per log line: means over the window, averaged across ranks."""
+        acc = self.accelerator
+        names = sorted(sums)
+        means = torch.stack([sums[k].float() for k in names]) / max(steps, 1)
+        means = acc.reduce(means, reduction="mean") if acc.num_processes > 1 else means
+        values = dict(zip(names, means.tolist()))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            good = self._last_good or "none yet"
+            raise TrainingStopped(
+                f"loss diverged (non-finite {', '.join(bad)}) by step {step}; stopped. The last good checkpoint "
+                f"is kept: {good}. Lower the learning rates in [optim.*] or use run.mixed_precision = \"no\".",
+                exit_code=3)
+        record = {"step": step, "epoch": epoch, **values,
+                  "samples_per_s": steps * self.train_cfg["batch_size"] / max(elapsed, 1e-9),
+                  "lr/reconstruction": self.opt_reconstruction.param_groups[0]["lr"]}
+        if epoch_done:
+            record.update(self.evaluate_epoch())
+        self.check_imbalance(values, steps)
+        if acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        return record
+
+    def check_imbalance(self, values: dict, steps: int) -> None:
+        """Warn once per code when one side of its discriminator wins completely for a long stretch."""
+        limit = self.train_cfg["imbalance_warning_steps"]
+        for code in self.imbalance:
+            prior_acc, code_acc = values.get(f"accuracy/prior.{code}"), values.get(f"accuracy/code.{code}")
+            if prior_acc is None:
+                continue
+            d_wins = prior_acc > 0.99 and code_acc > 0.99
+            g_wins = code_acc < 0.01
+            self.imbalance[code] = self.imbalance[code] + steps if (d_wins or g_wins) else 0
+            if limit and self.imbalance[code] >= limit and code not in self.warned_imbalance:
+                self.warned_imbalance.add(code)
+                side = "discriminator" if d_wins else "encoder (generator)"
+                self.accelerator.print(
+                    f"warning: for code {code!r} the {side} has won completely for {self.imbalance[code]} steps; "
+                    "the codes are probably not matching the prior. Balance the learning rates of "
+                    "[optim.discriminator] and [optim.generator] (or the discriminator's size).")
+
+    @torch.no_grad()
+    def evaluate_epoch(self) -> dict:
+        """Per-epoch metrics on the held-out validation split (if any), gathered over all ranks."""
+        if self.validation_data is None:
+            return {}
+        from aaekit.evaluate import evaluate_split
+
+        return {f"validation/{k}": v for k, v in
+                evaluate_split(self.model, self.validation_data, self.accelerator).items()}
+
+    # ------------------------------------------------------------------------------------------------
+    def rng_tensors(self) -> dict[str, torch.Tensor]:
+        """Every rank's noise generator state (gathered to all), plus the shared batch streams."""
+        acc = self.accelerator
+        noise = self.noise.get_state()
+        if acc.num_processes > 1:
+            gathered = acc.gather(noise.to(self.device).to(torch.int32).unsqueeze(0))
+            noise_states = {f"noise.rank{r}": gathered[r].cpu().to(torch.uint8) for r in range(acc.num_processes)}
+        else:
+            noise_states = {"noise.rank0": noise}
+        data_info, data_state = self.batches.state()
+        tensors = {**noise_states, "batches": data_state}
+        info = {"batches": data_info}
+        if self.labelled_batches is not None:
+            info["labelled_batches"], tensors["labelled_batches"] = self.labelled_batches.state()
+        return tensors, info
+
+    def save_checkpoint(self, step: int, epoch: int) -> None:
+        acc = self.accelerator
+        rng, info = self.rng_tensors()  # collective: every rank takes part
+        if acc.is_main_process:
+            opt_tensors: dict[str, torch.Tensor] = {}
+            opt_meta = {name: ckpt.optimizer_to_files(name, opt.state_dict(), opt_tensors)
+                        for name, opt in self.optimizers.items()}
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "streams": info,
+                     "optimizers": opt_meta, "scaler": scaler, "imbalance": self.imbalance}
+            path = ckpt.write_checkpoint(self.run_dir / "checkpoints", step, self.model.state_dict(),
+                                         opt_tensors, rng, state)
+            self._last_good = str(path)
+        acc.wait_for_everyone()
+
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        acc, state = self.accelerator, checkpoint.state
+        if state.get("world_size", 1) != acc.num_processes:
+            acc.print(f"note: checkpoint was written by {state.get('world_size')} processes, resuming on "
+                      f"{acc.num_processes}; the noise streams restart per rank")
+        for name, opt in self.optimizers.items():
+            if name not in state["optimizers"]:
+                raise UserError(f"{checkpoint.path}: no optimizer state for phase {name!r}; the recipe changed")
+            opt.load_state_dict(ckpt.optimizer_from_files(name, state["optimizers"][name], checkpoint.optimizers))
+        if state.get("scaler") and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        key = f"noise.rank{acc.process_index}"
+        if key in checkpoint.rng:
+            self.noise.set_state(checkpoint.rng[key])
+        self.batches.restore(state["streams"]["batches"], checkpoint.rng["batches"])
+        if self.labelled_batches is not None and "labelled_batches" in checkpoint.rng:
+            self.labelled_batches.restore(state["streams"]["labelled_batches"], checkpoint.rng["labelled_batches"])
+        self.imbalance.update(state.get("imbalance", {}))
+        self.start = {"step": int(state["step"]), "epoch": int(state["epoch"])}
+        self._last_good = str(checkpoint.path)
+
+    def finish(self, last: dict) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            ckpt.save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors")
+            if self.train_cfg["pictures"]:
+                from aaekit.pictures import write_pictures
+
+                write_pictures(self, self.run_dir)
+        acc.wait_for_everyone()
+
+
+def _head_base_loss():
+    from aaekit.contracts import Head
+
+    return Head.classification_loss
+
+
+def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = False, log_with: str | None = None) -> dict:
+    """Train a recipe into ``run_dir`` (created by the caller); resume from its latest checkpoint if asked."""
+    trainer = Trainer(recipe, run_dir, registry, log_with=log_with)
+    acc = trainer.accelerator
+    checkpoint = None
+    try:
+        if resume:
+            checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints", warn=acc.print)
+            if checkpoint is None:
+                acc.print(f"note: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        trainer.prepare(checkpoint)
+        if log_with:
+            acc.init_trackers(recipe.values["run"]["name"], config=_flat(recipe.values))
+        return trainer.fit()
+    finally:
+        if log_with:
+            acc.end_training()
+        # DDP processes can abort at exit unless models are released first
+        acc.free_memory()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            acc.wait_for_everyone()
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out

@@ -1,0 +1,1 @@
+"""aaekit's first-party components, registered through the ``aaekit`` entry-point group."""

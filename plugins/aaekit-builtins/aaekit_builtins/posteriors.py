@@ -1,0 +1,101 @@
+"""Encoder posteriors q(z|x) of the paper (§2): deterministic, Gaussian, universal approximator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aaekit.contracts import CodeSpec, Posterior
+from aaekit.hookspecs import hookimpl
+from aaekit.nets import mlp
+from aaekit.params import Param
+
+
+class MLPPosterior(Posterior):
+    """An MLP trunk with one output layer per code; categorical codes are a softmax."""
+
+    def __init__(self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], extra_inputs: int = 0, **params):
+        super().__init__(input_dim=input_dim, codes=codes, hidden=hidden)
+        self.trunk = nn.Sequential(mlp([input_dim + extra_inputs, *hidden]), nn.ReLU())
+        self.outputs = nn.ModuleDict(
+            {c.name: nn.Linear(hidden[-1], self.output_size(c)) for c in codes}
+        )
+
+    def output_size(self, code: CodeSpec) -> int:
+        return code.dim
+
+    def continuous(self, out: torch.Tensor, generator) -> torch.Tensor:
+        return out
+
+    def trunk_input(self, x: torch.Tensor, generator) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        h = self.trunk(self.trunk_input(x, generator))
+        codes = {}
+        for spec in self.codes:
+            out = self.outputs[spec.name](h)
+            if spec.kind == "categorical":
+                codes[f"{spec.name}_logits"] = out
+                codes[spec.name] = torch.softmax(out.float(), dim=1).to(out.dtype)
+            else:
+                codes[spec.name] = self.continuous(out, generator)
+        return codes
+
+
+class DeterministicPosterior(MLPPosterior):
+    """z = f(x)."""
+
+    name = "deterministic"
+    params = {}
+
+
+class GaussianPosterior(MLPPosterior):
+    """z ~ N(mu(x), sigma(x)^2), reparameterised; the mean when evaluating."""
+
+    name = "gaussian"
+    params = {"min_logvar": Param(float, -10.0, help="lower clamp on log sigma^2, for stability")}
+
+    def __init__(self, *, min_logvar: float = -10.0, **kwargs):
+        self.min_logvar = min_logvar
+        super().__init__(**kwargs)
+
+    def output_size(self, code: CodeSpec) -> int:
+        return code.dim if code.kind == "categorical" else 2 * code.dim
+
+    def continuous(self, out: torch.Tensor, generator) -> torch.Tensor:
+        mean, logvar = out.chunk(2, dim=1)
+        if not self.training:
+            return mean
+        std = torch.exp(0.5 * logvar.clamp(min=self.min_logvar))
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+class UniversalPosterior(MLPPosterior):
+    """z = f(x, eta): noise eta of a fixed distribution is a second input of the network (not added to x)."""
+
+    name = "universal"
+    params = {
+        "noise_dim": Param(int, 100, min=1, help="size of the noise input eta"),
+        "noise": Param(str, "gaussian", choices=("gaussian", "uniform")),
+        "noise_std": Param(float, 1.0, min=0),
+    }
+
+    def __init__(self, *, noise_dim: int = 100, noise: str = "gaussian", noise_std: float = 1.0, **kwargs):
+        self.noise_dim, self.noise_kind, self.noise_std = noise_dim, noise, noise_std
+        super().__init__(extra_inputs=noise_dim, **kwargs)
+
+    def trunk_input(self, x: torch.Tensor, generator) -> torch.Tensor:
+        shape = (x.shape[0], self.noise_dim)
+        if self.noise_kind == "gaussian":
+            eta = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype) * self.noise_std
+        else:
+            eta = (torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * self.noise_std
+        return torch.cat([x, eta], dim=1)
+
+
+@hookimpl
+def register_posteriors(register):
+    register(DeterministicPosterior)
+    register(GaussianPosterior)
+    register(UniversalPosterior)
