@@ -155,8 +155,9 @@ def _load(plugin_dirs: list[str]) -> Registry:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         hooks = ", ".join(_HOOK_OF_KIND.values())
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
         raise PluginError(
-            f"plugin {exc.plugin_name!r}: {exc}. Known hooks: {hooks}; check the spelling of the function name"
+            f"plugin {name!r}: {exc}. Known hooks: {hooks}; check the spelling of the function name"
         ) from None
 
     for kind, hook_name in _HOOK_OF_KIND.items():

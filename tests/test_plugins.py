@@ -1,0 +1,184 @@
+"""Plugin loading: entry points, one-off files, broken plugins, misspelt hooks, duplicate names, the README example."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, aaekit
+
+from aaekit import plugins
+from aaekit.errors import PluginError
+
+PRIOR_FILE = '''
+import torch
+from aaekit.contracts import Prior
+from aaekit.hookspecs import hookimpl
+from aaekit.params import Param
+
+
+class {cls}(Prior):
+    """{doc}"""
+    name = "{name}"
+    params = {{"scale": Param(float, 1.0, min=0)}}
+
+    def __init__(self, dim, scale=1.0):
+        super().__init__(dim)
+        self.scale = scale
+
+    def sample(self, n, labels=None, *, generator=None, device="cpu"):
+        return self.scale * torch.rand(n, self.dim, generator=generator, device=device)
+
+
+@hookimpl
+def {hook}(register):
+    register({cls})
+'''
+
+
+def write_prior(folder: Path, stem: str, name: str, hook: str = "register_priors", cls: str = "FilePrior") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.py"
+    path.write_text(PRIOR_FILE.format(cls=cls, name=name, hook=hook, doc=f"test prior {name}"))
+    return path
+
+
+def fake_distribution(site: Path, dist: str, module: str, source: str) -> None:
+    """A real installed distribution as pip would leave it: module + .dist-info with entry_points.txt."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[aaekit]\n{module} = {module}\n")
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+def test_builtins_come_through_entry_points():
+    registry = plugins.get_registry()
+    for kind, name in [("prior", "gaussian"), ("prior", "gmm"), ("posterior", "universal"), ("dataset", "mnist"),
+                       ("head", "classifier")]:
+        entry = registry.get(kind, name)
+        assert entry.distribution == "aaekit-builtins", entry
+        assert entry.plugin.startswith("aaekit-builtins:")
+    assert registry.broken == []
+
+
+def test_loading_is_lazy_and_once():
+    first = plugins.get_registry()
+    assert plugins.get_registry() is first
+
+
+def test_one_off_plugin_file(tmp_path):
+    write_prior(tmp_path / "p", "my_prior", "from_file")
+    registry = plugins.get_registry([str(tmp_path / "p")])
+    assert registry.get("prior", "from_file").distribution.endswith("my_prior.py")
+    assert "gaussian" in registry.components["prior"]  # the others still load
+
+    out = aaekit("plugins", "--plugins-dir", str(tmp_path / "p"))
+    assert out.returncode == 0, out.stderr
+    assert "from_file" in out.stdout
+
+
+def test_plugins_dir_from_environment(tmp_path, monkeypatch):
+    write_prior(tmp_path / "p", "env_prior", "from_env")
+    monkeypatch.setenv("AAEKIT_PLUGINS_DIR", str(tmp_path / "p"))
+    assert "from_env" in plugins.get_registry().components["prior"]
+
+
+def test_broken_entry_point_is_reported_and_others_work(tmp_path):
+    site = tmp_path / "site"
+    fake_distribution(site, "aaekit-broken", "aaekit_broken_plugin", "import no_such_module_anywhere\n")
+    env = {"PYTHONPATH": str(site)}
+    out = aaekit("plugins", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "aaekit-broken" in out.stdout and "no_such_module_anywhere" in out.stdout
+    assert "gaussian" in out.stdout
+    ok = aaekit("validate", str(ROOT / "recipes" / "gaussian.toml"), env=env)
+    assert ok.returncode == 0, ok.stderr
+
+    strict = aaekit("plugins", env={**env, "AAEKIT_STRICT_PLUGINS": "1"})
+    assert strict.returncode == 2
+    assert "aaekit-broken" in strict.stderr and "AAEKIT_STRICT_PLUGINS" in strict.stderr
+    assert "Traceback" not in strict.stderr
+
+
+def test_working_third_party_entry_point(tmp_path):
+    site = tmp_path / "site"
+    fake_distribution(site, "aaekit-thirdparty", "aaekit_thirdparty_prior",
+                      PRIOR_FILE.format(cls="ThirdParty", name="thirdparty", hook="register_priors", doc="third"))
+    out = aaekit("plugins", env={"PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if "thirdparty" in line)
+    assert "aaekit-thirdparty" in line and "1.2.3" in line
+
+
+def test_misspelt_hook_names_the_plugin(tmp_path):
+    write_prior(tmp_path / "p", "typo", "typo_prior", hook="register_prior")
+    with pytest.raises(PluginError, match=r"typo\.py.*register_prior"):
+        plugins.get_registry([str(tmp_path / "p")])
+    out = aaekit("plugins", "--plugins-dir", str(tmp_path / "p"))
+    assert out.returncode == 2 and "register_prior" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_duplicate_name_names_both_plugins(tmp_path):
+    write_prior(tmp_path / "p", "clash", "gaussian")
+    with pytest.raises(PluginError) as info:
+        plugins.get_registry([str(tmp_path / "p")])
+    message = str(info.value)
+    assert "aaekit-builtins" in message and "clash.py" in message and "'gaussian'" in message
+
+
+def test_unknown_component_lists_names_and_suggests(tmp_path):
+    registry = plugins.get_registry()
+    message = registry.unknown("prior", "gausian")
+    assert "did you mean 'gaussian'" in message and "gmm" in message
+
+
+def readme_blocks() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r"```\w+ (\S+)\n(.*?)```", text, re.S)}
+
+
+def test_readme_plugin_example_works(tmp_path):
+    """The README's 'Writing a plugin' section, exactly as written: install it, list it, validate and train."""
+    blocks = readme_blocks()
+    package = tmp_path / "aaekit-ring"
+    package.mkdir()
+    (package / "aaekit_ring.py").write_text(blocks["aaekit_ring.py"])
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n\n' + blocks["pyproject.toml"])
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(site), str(package)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr
+    env = {"PYTHONPATH": str(site)}
+    listed = aaekit("plugins", env=env)
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if " ring " in line)
+    assert "aaekit-ring" in line and "0.1.0" in line
+
+    recipe = tmp_path / "ring.toml"
+    recipe.write_text(blocks["ring.toml"])
+    assert aaekit("validate", str(recipe), env=env).returncode == 0
+    bad = aaekit("validate", str(recipe), "codes.z.dim=3", env=env)  # validate takes no overrides: a usage error
+    assert bad.returncode != 0
+    run = aaekit("run", str(recipe), "train.max_steps=3", "train.batch_size=20", "data.limit=200",
+                 "encoder.hidden=[16]", "decoder.hidden=[16]", "codes.z.discriminator.hidden=[8]", "train.pictures=false",
+                 "--output-dir", str(tmp_path / "run"), env=env)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    wrong_dim = aaekit("run", str(recipe), "codes.z.dim=3", "--output-dir", str(tmp_path / "run3"), env=env)
+    assert wrong_dim.returncode == 2 and "ring is 2-D" in wrong_dim.stderr
+    assert not (tmp_path / "run3").exists()

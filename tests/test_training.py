@@ -1,0 +1,75 @@
+"""A few real training steps of each posterior on real MNIST: checkpoints, final weights, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, aaekit, tiny_run_args
+
+from aaekit.checkpoint import latest_checkpoint, list_checkpoints
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", ["posterior_deterministic.toml", "posterior_gaussian.toml",
+                                    "posterior_universal.toml"])
+def test_each_posterior_trains_and_writes_a_loadable_checkpoint(tmp_path, recipe):
+    run_dir = tmp_path / "run"
+    out = aaekit(*tiny_run_args(f"recipes/{recipe}", run_dir, "train.checkpoint_every=2", "train.pictures=false"))
+    assert out.returncode == 0, out.stderr
+    weights = load_file(str(run_dir / "model.safetensors"))
+    prefixes = {key.split(".")[0] for key in weights}
+    assert prefixes == {"encoder", "decoder", "discriminators"}
+    assert any(k.startswith("discriminators.z.") for k in weights)
+    assert (run_dir / "recipe.toml").exists()
+    rows = metrics(run_dir)
+    assert rows[-1]["step"] == 4
+    for key in ["loss/reconstruction", "loss/discriminator.z", "loss/generator.z", "accuracy/prior.z", "accuracy/code.z"]:
+        assert key in rows[-1]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint.state["step"] == 4
+    assert set(checkpoint.model) == set(weights)
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-00000004", "step-00000002"]
+
+
+def test_resume_continues_the_step_count_and_never_overwrites(tmp_path):
+    run_dir = tmp_path / "run"
+    base = tiny_run_args("recipes/gaussian.toml", run_dir, "train.pictures=false")
+    first = aaekit(*base)
+    assert first.returncode == 0, first.stderr
+    before = (run_dir / "metrics.jsonl").read_text()
+
+    again = aaekit(*base)  # same output dir without --resume: refused, nothing touched
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+    changed = aaekit(*base, "codes.z.dim=3", "--resume")  # a different model cannot resume this run
+    assert changed.returncode == 2 and "codes.z.dim" in changed.stderr
+
+    resumed = aaekit(*base, "train.max_steps=8", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = metrics(run_dir)
+    assert (run_dir / "metrics.jsonl").read_text().startswith(before)  # appended, not rewritten
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert latest_checkpoint(run_dir / "checkpoints").state["step"] == 8
+
+
+def test_default_run_dir_gets_a_new_name_instead_of_overwriting(tmp_path):
+    args = ["run", str(ROOT / "recipes" / "gaussian.toml"), "train.max_steps=1", "train.batch_size=20",
+            "data.limit=100", "encoder.hidden=[8]", "decoder.hidden=[8]", "codes.z.discriminator.hidden=[8]",
+            "train.pictures=false", "run.name=twice"]
+    assert aaekit(*args, cwd=tmp_path).returncode == 0
+    second = aaekit(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert (tmp_path / "runs" / "twice" / "model.safetensors").exists()
+    assert (tmp_path / "runs" / "twice-2" / "model.safetensors").exists()
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path):
+    out = aaekit(*tiny_run_args("recipes/gaussian.toml", tmp_path / "none"), "--resume")
+    assert out.returncode == 2 and "no run to resume" in out.stderr and "Traceback" not in out.stderr
