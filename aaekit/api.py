@@ -1,0 +1,170 @@
+"""The Python API: a finished run directory back as a model you can call.
+
+    import aaekit
+    run = aaekit.load("runs/gmm_label")
+    codes = run.encode(images)            # {"z": ...} (and "y", "y_logits" for a categorical code)
+    images = run.sample(20, labels=[3] * 20)
+
+The model is rebuilt from the run's resolved ``recipe.toml`` through the same plugin registry and
+``build_model`` as training, and its weights come from ``model.safetensors`` (never a pickle). Weights are
+saved unwrapped and in fp32 whatever the run's launcher or mixed precision, so every run loads the same way.
+This is the one model-loading function of aaekit; ``aaekit eval`` and ``aaekit sample`` use it too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from aaekit.errors import RecipeError, UserError
+from aaekit.model import AAE, build_model
+from aaekit.recipe import Recipe
+
+
+class LoadedRun:
+    """A trained model in eval mode, with the recipe and registry it was built from."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, registry, model: AAE, device: torch.device):
+        self.run_dir = run_dir
+        self.recipe = recipe
+        self.registry = registry
+        self.model = model
+        self.device = device
+
+    def __repr__(self) -> str:
+        codes = ", ".join(f"{c.name}:{c.kind}[{c.dim}]" for c in self.model.codes)
+        return f"LoadedRun({str(self.run_dir)!r}, codes=({codes}), device={self.device})"
+
+    # --- inputs ---------------------------------------------------------------------------------------
+    def _as_inputs(self, x) -> torch.Tensor:
+        """Examples as the encoder takes them: (n, D) floats; uint8 pixels are scaled as in training."""
+        x = torch.as_tensor(x)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        x = x.to(self.device, torch.float32)
+        dim = self.model.input_dim
+        if x.dim() == len(self.model.input_shape):  # a single example
+            x = x.unsqueeze(0)
+        if x[0].numel() != dim:
+            raise UserError(f"inputs of shape {tuple(x.shape)} do not fit this model, which takes examples of "
+                            f"shape {self.model.input_shape} ({dim} values each)")
+        return x.reshape(x.shape[0], dim)
+
+    def _as_labels(self, labels, n: int) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        if not self.model.num_classes:
+            raise UserError("labels given, but this model's dataset has no classes")
+        labels = torch.as_tensor(labels, dtype=torch.long).to(self.device).flatten()
+        if labels.numel() == 1 and n > 1:
+            labels = labels.expand(n)
+        if labels.numel() != n:
+            raise UserError(f"{labels.numel()} labels given for {n} rows; give one label per row (or one for all)")
+        bad = labels[(labels < 0) | (labels >= self.model.num_classes)]
+        if len(bad):
+            raise UserError(f"label {int(bad[0])} is out of range; labels are 0..{self.model.num_classes - 1}")
+        return labels
+
+    # --- the model ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x) -> dict[str, torch.Tensor]:
+        """Codes of ``x`` (deterministic: a Gaussian posterior gives its mean): {code name: (n, dim)},
+        plus ``<name>_logits`` for categorical codes."""
+        return {k: v.float() for k, v in self.model.encoder(self._as_inputs(x)).items()}
+
+    @torch.no_grad()
+    def decode(self, codes, labels=None) -> torch.Tensor:
+        """Decode codes into data space, shaped like the examples. ``codes`` is a dict {code name: (n, dim)}
+        or, for a model with one code, a tensor. ``labels`` are needed where the decoder takes the label."""
+        if not isinstance(codes, dict):
+            if len(self.model.codes) != 1:
+                names = ", ".join(c.name for c in self.model.codes)
+                raise UserError(f"this model has several codes ({names}); pass decode a dict {{name: tensor}}")
+            codes = {self.model.codes[0].name: codes}
+        missing = [c.name for c in self.model.codes if c.name not in codes]
+        if missing:
+            raise UserError(f"decode: no value for code(s) {', '.join(missing)}")
+        codes = {k: torch.as_tensor(v).to(self.device, torch.float32) for k, v in codes.items()}
+        for spec in self.model.codes:
+            if codes[spec.name].dim() == 1:
+                codes[spec.name] = codes[spec.name].unsqueeze(0)
+        n = codes[self.model.codes[0].name].shape[0]
+        labels = self._as_labels(labels, n)
+        if self.model.label_input and labels is None:
+            raise UserError("this model's decoder takes the label as an input; pass labels=")
+        logits = self.model.decoder(self.model.decoder_input(codes, labels)).float()
+        return self.model.to_data_space(logits).reshape(n, *self.model.input_shape)
+
+    @torch.no_grad()
+    def sample(self, n: int, labels=None, seed: int | None = None) -> torch.Tensor:
+        """``n`` decoded prior samples; ``labels`` pick the prior component (and decoder label) per row."""
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        return self.model.sample(n, self._as_labels(labels, n), generator)
+
+    @property
+    def categorical_code(self) -> str | None:
+        return next((c.name for c in self.model.codes if c.kind == "categorical"), None)
+
+    @torch.no_grad()
+    def classify(self, x) -> torch.Tensor:
+        """The predicted class (argmax of the categorical code) of each example."""
+        name = self.categorical_code
+        if name is None:
+            raise UserError(f"{self.run_dir}: this model has no categorical code, so it cannot classify; "
+                            "classify() needs a recipe with a code of kind \"categorical\"")
+        return self.model.encoder(self._as_inputs(x))[name].argmax(dim=1)
+
+    def dataset(self):
+        """The run's dataset component, built from its recipe (for evaluating on its splits)."""
+        data = self.recipe.values["data"]
+        cls = self.registry.get("dataset", data["name"]).cls
+        return cls(**{k: v for k, v in data.items() if k not in ("name", "labelled", "validation")})
+
+
+def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_dirs=()) -> LoadedRun:
+    """Rebuild the trained model of ``run_dir`` (its ``recipe.toml`` and ``model.safetensors``)."""
+    from aaekit.checkpoint import load_tensors
+    from aaekit.plugins import get_registry
+    from aaekit.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory; give the folder `aaekit run` wrote (e.g. runs/<name>)")
+    recipe_path = run_dir / "recipe.toml"
+    weights_path = run_dir / "model.safetensors"
+    if not recipe_path.is_file():
+        raise UserError(f"{recipe_path}: missing; {run_dir} is not a run directory written by `aaekit run`")
+    if not weights_path.is_file():
+        hint = ("the run has checkpoints but did not finish; finish it with `aaekit run <recipe> --resume "
+                f"--output-dir {run_dir}`" if (run_dir / "checkpoints").is_dir() else "was the run finished?")
+        raise UserError(f"{weights_path}: missing; {hint}")
+    registry = registry if registry is not None else get_registry(list(plugins_dirs))
+    try:
+        recipe = load_recipe(recipe_path, [], registry)
+    except RecipeError as exc:
+        raise UserError(f"{recipe_path}: the run's stored recipe no longer validates (a plugin changed or is "
+                        "missing?):\n" + "\n".join(exc.problems)) from None
+
+    data = recipe.values["data"]
+    dataset_cls = registry.get("dataset", data["name"]).cls
+    params = {k: v for k, v in data.items() if k not in ("name", "labelled", "validation")}
+    model = build_model(recipe, registry, tuple(dataset_cls.input_shape), dataset_cls.classes(params))
+    weights = load_tensors(weights_path, "model weights")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong_shape = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:4])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
+            f"wrong shape {', '.join(wrong_shape[:4])}" if wrong_shape else "") if part)
+        raise UserError(f"{weights_path}: the weights do not match {recipe_path} ({detail}); "
+                        "the two files come from different runs")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
+    device = torch.device(device)
+    model.to(device).eval()
+    if not all(math.isfinite(v) for v in (p.float().abs().max().item() for p in model.parameters())):
+        raise UserError(f"{weights_path}: holds non-finite weights (NaN/inf); the run diverged; retrain it")
+    return LoadedRun(run_dir, recipe, registry, model, device)
