@@ -103,6 +103,23 @@ class LoadedRun:
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         return self.model.sample(n, self._as_labels(labels, n), generator)
 
+    @torch.no_grad()
+    def interpolate(self, n: int, steps: int = 10, labels=None, seed: int | None = None) -> torch.Tensor:
+        """``n`` straight walks in code space between two prior draws, decoded at ``steps`` evenly spaced
+        points: (n, steps, *input_shape). With ``labels``, both ends of row i come from label i's component."""
+        if steps < 2:
+            raise UserError(f"interpolate: steps must be at least 2, got {steps}")
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        labels = self._as_labels(labels, n)
+        start, decoder_labels = self.model.prior_codes(n, labels, generator)
+        end, _ = self.model.prior_codes(n, labels, generator)
+        t = torch.linspace(0, 1, steps, device=self.device).view(1, steps, 1)
+        walk = {k: torch.lerp(start[k].float().unsqueeze(1), end[k].float().unsqueeze(1), t).reshape(n * steps, -1)
+                for k in start}
+        walk_labels = decoder_labels.repeat_interleave(steps) if decoder_labels is not None else None
+        logits = self.model.decoder(self.model.decoder_input(walk, walk_labels)).float()
+        return self.model.to_data_space(logits).reshape(n, steps, *self.model.input_shape)
+
     @property
     def categorical_code(self) -> str | None:
         return next((c.name for c in self.model.codes if c.kind == "categorical"), None)

@@ -125,6 +125,105 @@ def plugins(plugins_dirs):
         console.print(table)
 
 
+def parse_floats(option: str, text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. {option} 0.1,0.2,0.3") from None
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"{option} {text!r}: give one or more positive numbers, e.g. {option} 0.1,0.2,0.3")
+    return values
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--labels {text!r}: expected comma-separated class numbers, e.g. --labels 0,1,2") from None
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Metrics of `aaekit eval`: each takes the loaded run and the command's options and returns a JSON-able dict.
+EVAL_METRICS = ("parzen",)
+
+
+@cli.command(name="eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--metric", type=click.Choice(EVAL_METRICS), default="parzen", show_default=True,
+              help="parzen: Parzen-window log-likelihood of the test set (§3), sigma chosen on validation data.")
+@click.option("-n", "--num-samples", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="parzen: decoder samples that make the Parzen window.")
+@click.option("--sigmas", default=None, help="parzen: comma-separated sigma grid (default: 20 values, 0.05 to 1).")
+@click.option("--validation-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="parzen: training examples held out to choose sigma when the run kept no validation split.")
+@click.option("--test-limit", type=click.IntRange(min=0), default=0, help="Use only the first N test examples (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the decoder samples.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON to this file (never overwrites an existing one).")
+@plugins_dir_option
+def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, seed, device, output, plugins_dirs):
+    """Evaluate the trained model in RUN_DIR; prints the result as JSON."""
+    import json
+
+    from aaekit.api import load
+
+    if output and Path(output).exists():
+        raise UserError(f"--output {output}: already exists; choose another file (nothing was overwritten)")
+    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs))
+    if metric == "parzen":
+        from aaekit.parzen import DEFAULT_SIGMAS, evaluate_run
+
+        result = evaluate_run(run, num_samples=num_samples, sigmas=parse_floats("--sigmas", sigmas) or DEFAULT_SIGMAS,
+                              validation_size=validation_size, test_limit=test_limit, seed=seed)
+    text = json.dumps(result, indent=1)
+    click.echo(text)
+    if output:
+        with open(output, "x", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-n", "--num", type=click.IntRange(min=1), default=None,
+              help="Samples per label (default 10), or in all where there are no labels (default 100); "
+                   "with --interpolate, the number of walks (default 10).")
+@click.option("--labels", default=None, help="Comma-separated labels, one grid column each (default: every class, "
+                                             "where the prior's components are the classes).")
+@click.option("--interpolate", is_flag=True, help="Decode straight walks between two prior draws, one per row.")
+@click.option("--steps", type=click.IntRange(min=2), default=10, show_default=True, help="Points on each walk.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="PNG to write (default: RUN_DIR/sampled.png, or RUN_DIR/interpolation.png).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@plugins_dir_option
+def sample(run_dir, num, labels, interpolate, steps, out, force, seed, device, plugins_dirs):
+    """Decode prior samples of the model in RUN_DIR into a PNG grid."""
+    from aaekit.api import load
+    from aaekit.sampling import write_interpolation, write_samples
+
+    out = Path(out) if out else Path(run_dir) / ("interpolation.png" if interpolate else "sampled.png")
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; pass --force to overwrite it or --out to write elsewhere")
+    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs))
+    chosen = parse_labels(labels)
+    if interpolate:
+        rows, cols = write_interpolation(run, out, num or 10, steps, chosen, seed)
+    else:
+        rows, cols = write_samples(run, out, num, chosen, seed)
+    click.echo(f"wrote {out} ({rows} x {cols} images)")
+
+
 def main(prog_name: str | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cli.main(prog_name=prog_name or "aaekit")

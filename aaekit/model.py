@@ -63,6 +63,14 @@ class AAE(nn.Module):
     def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode prior samples into data space; ``labels`` pick the component (and the decoder's label
         input where it has one) per row."""
+        codes, decoder_labels = self.prior_codes(n, labels, generator)
+        logits = self.decoder(self.decoder_input(codes, decoder_labels)).float()
+        return self.to_data_space(logits).reshape(n, *self.input_shape)
+
+    @torch.no_grad()
+    def prior_codes(self, n: int, labels: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor | None]:
+        """``n`` draws of every code's prior, and the labels the decoder takes with them (or None)."""
         device = next(self.decoder.parameters()).device
         if labels is not None:
             labels = labels.to(device)
@@ -78,8 +86,7 @@ class AAE(nn.Module):
             codes[spec.name] = prior.sample(n, components, generator=generator, device=device)
         decoder_labels = labels if labels is not None else (
             torch.randint(self.num_classes, (n,), generator=generator, device=device) if self.label_input else None)
-        logits = self.decoder(self.decoder_input(codes, decoder_labels)).float()
-        return self.to_data_space(logits).reshape(n, *self.input_shape)
+        return codes, decoder_labels
 
     def discriminator_input(self, code_name: str, values: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if not self.label_conditioned.get(code_name):
