@@ -104,6 +104,11 @@ class Dataset(Component):
         """How many classes the dataset with these params has (checked before loading it)."""
         return cls.num_classes
 
+    @classmethod
+    def range_of(cls, params: dict) -> tuple[float, float]:
+        """The range of the values ``load`` gives with these params (checked against the decoder output)."""
+        return tuple(cls.value_range)
+
     def load(self, split: str) -> ArrayData:
         raise NotImplementedError
 

@@ -69,6 +69,52 @@ class DeviceData:
         return x.float().mul_(self.scale) if self.scale is not None else x.float()
 
 
+class StreamingData:
+    """A split left where it lies (e.g. a memory-mapped Arrow file): each batch's rows are gathered on the
+    host and only they are copied to the device. Same interface and same values as DeviceData; the batch
+    order still comes from the engine's ShuffledBatches, each rank reading only its own slice."""
+
+    def __init__(self, data: ArrayData, device: torch.device):
+        self.x = data.x.reshape(len(data), -1)  # a view: nothing is read until a batch needs it
+        self.y = data.y.to(device=device, dtype=torch.long)
+        self.device = device
+        self.scale = 1.0 / 255.0 if self.x.dtype == torch.uint8 else None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def inputs(self, index: torch.Tensor) -> torch.Tensor:
+        rows = index.cpu()
+        # reading rows in file order touches each page once; the inverse permutation restores batch order
+        ordered, order = rows.sort()
+        x = self.x[ordered][order.argsort()].to(self.device, non_blocking=True)
+        return x.float().mul_(self.scale) if self.scale is not None else x.float()
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a split may take on the device: half of what is free, the rest left for the model."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    import psutil
+
+    return psutil.virtual_memory().available // 2
+
+
+def hold(data: ArrayData, device: torch.device, in_memory="auto", log=print, what: str = "training split"):
+    """DeviceData where the split fits (``in_memory`` true, or "auto" within the budget), else StreamingData;
+    the choice is logged."""
+    size = data.x.numel() * data.x.element_size()
+    budget = memory_budget(device) if in_memory == "auto" else None
+    resident = in_memory is True or (in_memory == "auto" and size <= budget)
+    why = ("data.in_memory = true" if in_memory is True else "data.in_memory = false" if in_memory is False
+           else f"auto: {size / 2**20:.1f} MiB {'within' if resident else 'over'} the budget "
+                f"{budget / 2**20:.0f} MiB")
+    log(f"data: {what} ({len(data)} x {tuple(data.x.shape[1:])} {str(data.x.dtype).removeprefix('torch.')}) "
+        f"{'held on ' + str(device) if resident else 'streamed from host memory/memory-mapped file'} ({why})")
+    return DeviceData(data, device) if resident else StreamingData(data, device)
+
+
 def split_off(data: ArrayData, count: int, seed: int) -> tuple[ArrayData, ArrayData]:
     """Hold out ``count`` random examples (seeded): returns (rest, held_out)."""
     if count <= 0:

@@ -24,10 +24,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from aaekit import checkpoint as ckpt
-from aaekit.data import DeviceData, ShuffledBatches, balanced_subset, labelled_count, split_off
+from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
 from aaekit.model import AAE, build_model
-from aaekit.recipe import Recipe
+from aaekit.recipe import CORE, Recipe
 
 # Recipe keys that may change when a run is resumed: extending it, or checkpointing differently.
 RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every",
@@ -93,12 +93,14 @@ class Trainer:
         # ---- data: held on the device, split and labelled reproducibly from the run seed ----
         torch.manual_seed(self.seed)
         dataset = dataset_entry.cls(**{k: v for k, v in values["data"].items()
-                                        if k not in ("name", "labelled", "validation")})
+                                        if k not in CORE["data"]})
         self.dataset = dataset
         train, validation = split_off(dataset.load("train"), values["data"]["validation"], self.seed + 1)
         self.num_classes = dataset.num_classes
-        self.train_data = DeviceData(train, self.device)
-        self.validation_data = DeviceData(validation, self.device) if len(validation) else None
+        in_memory = values["data"]["in_memory"]
+        self.train_data = hold(train, self.device, in_memory, acc.print)
+        self.validation_data = (hold(validation, self.device, in_memory, acc.print, "validation split")
+                                if len(validation) else None)
         n_train = len(self.train_data)
         if n_train < batch:
             raise UserError(f"{recipe.path}: train.batch_size: {batch} is larger than the training set ({n_train})")
@@ -140,6 +142,11 @@ class Trainer:
 
         self.start = {"step": 0, "epoch": 0}
         self._resume_checkpoint = None
+        self._last_good = None  # the newest checkpoint written or resumed from, named when a run stops
+        # Test-only fault injection (tests/test_distributed.py): AAEKIT_TEST_RAISE_AT="RANK:STEP" makes
+        # that rank raise before that step, to prove the other ranks do not hang.
+        fault = os.environ.get("AAEKIT_TEST_RAISE_AT", "")
+        self._raise_at = tuple(int(v) for v in fault.split(":")) if fault else None
 
     # ------------------------------------------------------------------------------------------------
     def prepare(self, checkpoint: ckpt.Checkpoint | None) -> None:
@@ -301,7 +308,6 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()
         last: dict = {}
-        self._last_good = None
         from aaekit.progress import Progress  # rich, kept out of import time of the CLI
 
         progress = Progress(total_steps, step, enabled=acc.is_main_process)
@@ -312,6 +318,8 @@ class Trainer:
                         self.set_epoch_lr(epoch)
                         if step > 0 or self.batches.position > 0:
                             self.batches.start_pass()  # drop the remainder of the last pass
+                    if self._raise_at == (acc.process_index, step):
+                        raise RuntimeError(f"AAEKIT_TEST_RAISE_AT: rank {acc.process_index} fails at step {step}")
                     index = self.rank_slice(self.batches.take(cfg["batch_size"])).to(self.device)
                     for k, v in self.train_step(index).items():
                         sums[k] = sums[k] + v if k in sums else v.clone()
@@ -463,6 +471,12 @@ class Trainer:
                 from aaekit.pictures import write_pictures
 
                 write_pictures(self, self.run_dir)
+        # Debug hook: AAEKIT_DUMP_RANKS=DIR makes every rank save its own weights to DIR/rank{r}.safetensors,
+        # so tests can show that data-parallel ranks end identical.
+        dump = os.environ.get("AAEKIT_DUMP_RANKS")
+        if dump:
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            ckpt.save_tensors(self.model.state_dict(), Path(dump) / f"rank{acc.process_index}.safetensors")
         acc.wait_for_everyone()
 
 

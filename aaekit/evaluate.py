@@ -15,12 +15,12 @@ def encode_split(model: AAE, data: DeviceData, accelerator=None, batch_size: int
     """Codes and reconstruction errors of a whole split: returns (codes dict, per-example error, labels)."""
     n = len(data)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    shard = torch.arange(rank, n, world, device=data.x.device)
+    shard = torch.arange(rank, n, world, device=data.y.device)
     codes_out: dict[str, list] = {}
     errors, labels = [], []
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=data.x.device).manual_seed(1234)
+    generator = torch.Generator(device=data.y.device).manual_seed(1234)
     for start in range(0, len(shard), batch_size):
         index = shard[start:start + batch_size]
         x = data.inputs(index)

@@ -30,6 +30,8 @@ CORE: dict[str, dict[str, Param]] = {
             help='"all", a count of labelled training images, or a fraction in (0, 1]; the rest are unlabelled',
         ),
         "validation": Param(int, 0, min=0, help="training images held out for per-epoch validation"),
+        "in_memory": Param((bool, str), "auto", help='"auto": hold the training split on the device when it '
+                           "fits in half the free memory, else stream it; true/false force one way"),
     },
     "encoder": {
         "name": Param(str, help='the posterior plugin: "deterministic", "gaussian" or "universal"'),
@@ -206,7 +208,13 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     data_entry, data = _component(registry, "dataset", _table(raw, "data", "", problems, True),
                                   CORE["data"], "data.", problems)
     out["data"] = data
-    num_classes = data_entry.cls.classes(data) if data_entry else None
+    try:
+        num_classes = data_entry.cls.classes(data) if data_entry else None
+    except UserError as exc:  # a dataset that must look at its files to count classes
+        problems.append(str(exc))
+        data_entry, num_classes = None, None
+    if isinstance(data.get("in_memory"), str) and data["in_memory"] != "auto":
+        problems.append(f"data.in_memory: expected \"auto\", true or false, got {data['in_memory']!r}")
     labelled = data.get("labelled")
     if isinstance(labelled, str) and labelled != "all":
         problems.append(f"data.labelled: expected \"all\", a count or a fraction in (0, 1], got {labelled!r}")
@@ -222,6 +230,8 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     decoder, p = ParamSet(CORE["decoder"]).check(_table(raw, "decoder", "", problems), "decoder.")
     problems += p
     out["decoder"] = decoder
+    problems += decoder_matches_data(decoder, data_entry.cls.range_of(data) if data_entry else None,
+                                     data.get("name"))
     if decoder.get("label_input") and data_entry and not num_classes:
         problems.append(f"decoder.label_input: dataset {data['name']!r} has no labels; set label_input = false")
 
@@ -299,6 +309,28 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     problems += p
     out["train"] = train
     return out, problems
+
+
+def decoder_matches_data(decoder: dict, value_range, dataset: str) -> list[str]:
+    """A sigmoid output or a binary cross-entropy needs data in [0, 1]; bce is defined on sigmoid outputs."""
+    problems = []
+    output, loss = decoder.get("output"), decoder.get("loss")
+    if output == "linear" and loss == "bce":
+        problems.append('decoder.loss: "bce" treats the decoder output as logits of values in [0, 1]; with '
+                        'output = "linear" use loss = "mse" (or output = "sigmoid")')
+    if value_range is None:
+        return problems
+    low, high = value_range
+    if low >= 0 and high <= 1:
+        return problems
+    shown = f"[{low:g}, {high:g}]"
+    if output == "sigmoid":
+        problems.append(f'decoder.output: "sigmoid" gives values in (0, 1) but dataset {dataset!r} declares '
+                        f'values in {shown}; use output = "linear" with loss = "mse" (or scale the data to [0, 1])')
+    elif loss == "bce":
+        problems.append(f'decoder.loss: "bce" needs targets in [0, 1] but dataset {dataset!r} declares values in '
+                        f'{shown}; use loss = "mse"')
+    return problems
 
 
 def _base_classification_loss():
