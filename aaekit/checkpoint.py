@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,8 @@ def write_checkpoint(root: Path, step: int, model: dict, optimizers: dict, rng: 
     tmp.mkdir()
     for name, tensors in zip(FILES, (model, optimizers, rng)):
         save_tensors(tensors, tmp / name)
+        if os.environ.get("AAEKIT_TEST_KILL_IN_CHECKPOINT") == str(step):  # test-only: die mid-write
+            os.kill(os.getpid(), signal.SIGKILL)
     state = dict(state, files={name: (tmp / name).stat().st_size for name in FILES})
     write_json(state, tmp / "state.json")
     if final.exists():  # same step written again (e.g. end of run right after a periodic save)

@@ -46,6 +46,17 @@ def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: tor
                fused=fused, foreach=None if fused else True)
 
 
+def refuse_lonely_process(num_processes: int) -> None:
+    """Launched as several processes (WORLD_SIZE > 1) that Accelerate does not join: each would train alone."""
+    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_env > 1 and num_processes == 1:
+        raise UserError(
+            f"WORLD_SIZE={world_env} but Accelerate sees a single process, so each process would train "
+            "alone. On CPU use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+            "--num_machines 1 -m aaekit run ...; on GPUs: accelerate launch --multi_gpu ..."
+        )
+
+
 def lr_scale(epoch: int, milestones: list[int], gamma: float) -> float:
     """The paper's step schedule: multiply by gamma at each milestone epoch (0-based epochs)."""
     return gamma ** sum(1 for m in milestones if epoch >= m)
@@ -76,13 +87,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_phases)],
         )
         acc = self.accelerator
-        world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world_env > 1 and acc.num_processes == 1:
-            raise UserError(
-                f"WORLD_SIZE={world_env} but Accelerate sees a single process, so each process would train "
-                "alone. On CPU use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
-                "--num_machines 1 -m aaekit run ...; on GPUs: accelerate launch --multi_gpu ..."
-            )
+        refuse_lonely_process(acc.num_processes)
         batch = self.train_cfg["batch_size"]
         if batch % acc.num_processes:
             raise UserError(f"{recipe.path}: train.batch_size: {batch} does not split over "

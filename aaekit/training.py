@@ -12,10 +12,11 @@ def train(recipe: Recipe, registry, *, output_dir: str | None = None, resume: bo
     import torch
     from accelerate import PartialState
 
-    from aaekit.engine import RESUMABLE_CHANGES, run_training
+    from aaekit.engine import RESUMABLE_CHANGES, refuse_lonely_process, run_training
     from aaekit.rundir import check_resumable, choose_run_dir
 
     state = PartialState()
+    refuse_lonely_process(state.num_processes)  # before anything is written
     # Every rank checks before any rank creates the directory; rank 0's choice (the -2, -3 suffix) is then
     # broadcast so that all ranks agree.
     run_dir = choose_run_dir(recipe, output_dir, resume)
