@@ -314,6 +314,8 @@ def stage_split(split: SourceSplit, params: dict, stage: Path) -> dict:
     string_labels = split.__dict__.setdefault("string_labels", {})
     with open(stage.with_suffix(".x"), "wb") as fx, open(stage.with_suffix(".y"), "wb") as fy:
         for table in split.tables():
+            if table.num_rows == 0:  # an empty file has no types to check; the empty split is reported below
+                continue
             names = table.column_names
             if columns is None:
                 columns = choose_columns(names, table, params, split.where)
