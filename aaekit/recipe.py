@@ -190,7 +190,8 @@ def _component(registry, kind: str, table: dict, core: dict[str, Param], where: 
     if clash:
         problems.append(f"{where}name: {kind} {name!r} declares keys reserved by aaekit: {sorted(clash)}")
     resolved["name"] = name
-    return entry, resolved
+    # checks that need the component's params run only when those params are valid
+    return (None if found else entry), resolved
 
 
 def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list[str]]:
@@ -257,7 +258,7 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
             context = {"dim": code["dim"], "kind": code.get("kind"), "num_classes": num_classes}
             problems += [f"{where}prior.{m}" for m in prior_entry.cls.check_recipe(prior, context)]
             components = prior_entry.cls.components(prior, code["dim"])
-            if disc.get("label_conditioned"):
+            if disc.get("label_conditioned") and data_entry is not None:
                 if not num_classes:
                     problems.append(f"{where}discriminator.label_conditioned: dataset {data.get('name')!r} "
                                     "has no labels; set label_conditioned = false")
