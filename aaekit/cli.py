@@ -153,13 +153,14 @@ def default_device() -> str:
 
 
 # Metrics of `aaekit eval`: each takes the loaded run and the command's options and returns a JSON-able dict.
-EVAL_METRICS = ("parzen",)
+EVAL_METRICS = ("parzen", "classification", "clustering")
 
 
 @cli.command(name="eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--metric", type=click.Choice(EVAL_METRICS), default="parzen", show_default=True,
-              help="parzen: Parzen-window log-likelihood of the test set (§3), sigma chosen on validation data.")
+              help="parzen: Parzen-window log-likelihood of the test set (§3), sigma chosen on validation data; "
+                   "classification: test error of argmax q(y|x) (§5); clustering: test clustering errors (§6).")
 @click.option("-n", "--num-samples", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="parzen: decoder samples that make the Parzen window.")
 @click.option("--sigmas", default=None, help="parzen: comma-separated sigma grid (default: 20 values, 0.05 to 1).")
@@ -185,6 +186,12 @@ def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, 
 
         result = evaluate_run(run, num_samples=num_samples, sigmas=parse_floats("--sigmas", sigmas) or DEFAULT_SIGMAS,
                               validation_size=validation_size, test_limit=test_limit, seed=seed)
+    else:
+        from aaekit.label_metrics import evaluate_classification, evaluate_clustering
+
+        evaluate_labels = evaluate_classification if metric == "classification" else evaluate_clustering
+        result, summary = evaluate_labels(run, test_limit=test_limit)
+        click.echo(summary, err=True)
     text = json.dumps(result, indent=1)
     click.echo(text)
     if output:

@@ -57,7 +57,8 @@ def evaluate_split(model: AAE, data: DeviceData, accelerator=None) -> dict:
     codes, error, labels = encode_split(model, data, accelerator)
     out = {"reconstruction_mse": error.mean().item()}
     for spec in model.codes:
-        if spec.kind == "categorical" and model.num_classes and (labels >= 0).any():
+        # only a code with one category per class predicts labels (a K-cluster code does not)
+        if spec.kind == "categorical" and spec.dim == model.num_classes and (labels >= 0).any():
             predicted = codes[spec.name].argmax(dim=1)
             known = labels >= 0
             out[f"error.{spec.name}"] = (predicted[known] != labels[known]).float().mean().item()

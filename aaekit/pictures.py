@@ -53,7 +53,11 @@ def write_pictures(trainer, run_dir: Path) -> list[Path]:
         pairs = torch.stack([x, recon], dim=1).reshape(-1, *model.input_shape)  # input beside output
         save_grid(image_grid(pairs, 5, 20), run_dir / "reconstructions.png")
         written.append(run_dir / "reconstructions.png")
-    path = write_latent(trainer, run_dir, generator)
+    from aaekit.mode_pictures import write_mode_pictures  # style.png, clusters.png, heads' latent.png
+
+    mode_written, has_latent = write_mode_pictures(trainer, run_dir, generator)
+    written += mode_written
+    path = None if has_latent else write_latent(trainer, run_dir, generator)
     if path:
         written.append(path)
     model.train(was_training)
