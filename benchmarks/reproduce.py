@@ -1,0 +1,237 @@
+"""The paper's tables, reproduced by one command: each experiment's recipe trained under a time budget, then
+evaluated with `aaekit eval`, as a user would run them.
+
+    .venv/bin/python benchmarks/reproduce.py --minutes 30     # every experiment that has a recipe
+    .venv/bin/python benchmarks/reproduce.py --minutes 1 --only likelihood
+    .venv/bin/python benchmarks/reproduce.py --quick          # tiny nets, a few steps: checks the pipeline
+
+The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
+Experiments whose recipe or evaluation metric does not exist yet are listed as skipped, with the reason.
+Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under runs/reproduce/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AAEKIT_CACHE_DIR", str(ROOT / ".cache" / "aaekit"))
+
+
+@dataclass
+class Experiment:
+    key: str
+    table: str
+    recipe: str
+    paper: str
+    metrics: tuple[str, ...]  # acceptable `aaekit eval --metric` names, first available wins
+    result_keys: tuple[str, ...]  # where the number is in the eval JSON, first present wins
+    unit: str
+    eval_args: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+ERROR_KEYS = ("error", "test_error", "classification_error", "error_percent")
+CLUSTER_KEYS = ("clustering_error", "error", "test_error", "error_percent")
+EXPERIMENTS = [
+    Experiment("likelihood", "Table 1: Parzen log-likelihood, MNIST test (10K samples)", "gaussian.toml",
+               "340 ± 2", ("parzen",), ("log_likelihood",), "nats"),
+    Experiment("semisupervised_100", "Table 2: semi-supervised error, 100 labels", "semisupervised_100.toml",
+               "1.90 ± 0.10 %", ("classification", "error", "accuracy"), ERROR_KEYS, "%"),
+    Experiment("semisupervised_1000", "Table 2: semi-supervised error, 1000 labels", "semisupervised_1000.toml",
+               "1.60 ± 0.08 %", ("classification", "error", "accuracy"), ERROR_KEYS, "%"),
+    Experiment("semisupervised_all", "Table 2: supervised error, all labels", "semisupervised_all.toml",
+               "0.85 ± 0.02 %", ("classification", "error", "accuracy"), ERROR_KEYS, "%"),
+    Experiment("cluster16", "Table 3: clustering error, 16 clusters", "cluster16.toml",
+               "9.55 %", ("clustering", "cluster", "classification"), CLUSTER_KEYS, "%"),
+    Experiment("cluster30", "Table 3: clustering error, 30 clusters", "cluster30.toml",
+               "4.10 ± 1.13 %", ("clustering", "cluster", "classification"), CLUSTER_KEYS, "%"),
+    Experiment("dimred2d", "§7: 2-D dimensionality reduction, unsupervised (error)", "dimred2d.toml",
+               "~13.5 %", ("clustering", "cluster", "classification"), CLUSTER_KEYS, "%"),
+    Experiment("dimred2d_1000", "§7: 2-D dimensionality reduction, 1000 labels (error)", "dimred2d_1000.toml",
+               "—", ("classification", "clustering", "error"), ERROR_KEYS, "%"),
+]
+
+# --quick: tiny nets, a few steps, a cheap evaluation; checks the pipeline, not the numbers.
+QUICK_OVERRIDES = ["train.batch_size=20", "encoder.hidden=[32]", "decoder.hidden=[32]", "data.limit=400",
+                   "train.pictures=false", "train.checkpoint_every=0"]
+QUICK_EVAL = {"parzen": ["-n", "200", "--validation-size", "100", "--test-limit", "200", "--sigmas", "0.1,0.2,0.4"]}
+
+
+def aaekit(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aaekit", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def available_metrics() -> list[str] | None:
+    """The --metric choices `aaekit eval` offers, or None when there is no eval command."""
+    out = aaekit("eval", "--help")
+    if out.returncode != 0:
+        return None
+    found = re.search(r"--metric\s+\[([^\]]+)\]", out.stdout)
+    return [m.strip() for m in found.group(1).split("|")] if found else ["parzen"]
+
+
+def tiny_code_overrides(recipe_path: Path) -> list[str]:
+    import tomllib
+
+    codes = tomllib.loads(recipe_path.read_text()).get("codes", {})
+    return [f"codes.{c}.discriminator.hidden=[16]" for c in codes]
+
+
+def last_record(run_dir: Path) -> dict:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def train(recipe: Path, overrides: list[str], run_dir: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = aaekit("run", str(recipe), *overrides, "--output-dir", str(run_dir))
+    if out.returncode != 0:
+        raise RuntimeError(f"aaekit run failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-600:]}")
+    return time.perf_counter() - start, out.stdout
+
+
+def budget_steps(recipe: Path, overrides: list[str], minutes: float, work: Path) -> tuple[int, float]:
+    """Steps that fit in the budget, from a short timed run of the same recipe (its steady samples/s)."""
+    from aaekit.recipe import load_recipe
+
+    batch = load_recipe(recipe, overrides).values["train"]["batch_size"]
+    calib = work / "calibration"
+    train(recipe, [*overrides, "train.max_steps=30", "train.log_every=10", "train.checkpoint_every=0",
+                   "train.pictures=false"], calib)
+    samples_per_s = last_record(calib)["samples_per_s"]
+    return max(1, int(minutes * 60 * samples_per_s / batch)), samples_per_s
+
+
+def pick_number(result: dict, keys: tuple[str, ...]) -> tuple[str | None, float | None]:
+    for k in keys:
+        if isinstance(result.get(k), (int, float)):
+            return k, float(result[k])
+    return None, None
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (GPU)"
+    return f"{cpu}, {torch.get_num_threads()} threads (CPU)"
+
+
+def run_experiment(exp: Experiment, opts, metrics: list[str] | None, out_root: Path) -> dict:
+    recipe = ROOT / "recipes" / exp.recipe
+    row = {"experiment": exp.key, "table": exp.table, "recipe": f"recipes/{exp.recipe}", "paper": exp.paper,
+           "unit": exp.unit}
+    if not recipe.exists():
+        return {**row, "status": "skipped", "reason": f"recipes/{exp.recipe} does not exist yet"}
+    if metrics is None:
+        return {**row, "status": "skipped", "reason": "there is no `aaekit eval` command yet"}
+    metric = next((m for m in exp.metrics if m in metrics), None)
+    if metric is None:
+        return {**row, "status": "skipped",
+                "reason": f"`aaekit eval` has no metric for this yet (wanted one of {list(exp.metrics)}, "
+                          f"it offers {metrics})"}
+    work = out_root / exp.key
+    overrides = [*exp.overrides]
+    if opts.quick:
+        overrides += QUICK_OVERRIDES + tiny_code_overrides(recipe) + ["train.max_steps=6", "train.log_every=3"]
+        steps, calibrated = 6, None
+    else:
+        steps, calibrated = budget_steps(recipe, overrides, opts.minutes, work)
+        overrides += [f"train.max_steps={steps}"]
+    try:
+        seconds, _ = train(recipe, overrides, work / "run")
+        eval_args = ["eval", str(work / "run"), "--metric", metric, *exp.eval_args]
+        if opts.quick:
+            eval_args += QUICK_EVAL.get(metric, [])
+        started = time.perf_counter()
+        out = aaekit(*eval_args)
+        eval_seconds = time.perf_counter() - started
+        if out.returncode != 0:
+            raise RuntimeError(f"aaekit eval failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-600:]}")
+        result = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+        return {**row, "status": "failed", "reason": str(exc)}
+    key, number = pick_number(result, exp.result_keys)
+    if number is not None and exp.unit == "%" and number <= 1.0 and "percent" not in key:
+        number *= 100  # eval reports a fraction
+    record = last_record(work / "run")
+    return {**row, "status": "ok", "metric": metric, "aaekit": number, "result_key": key,
+            "standard_error": result.get("standard_error"), "steps": steps, "epochs": record.get("epoch"),
+            "calibrated_samples_per_s": calibrated, "train_s": round(seconds, 1), "eval_s": round(eval_seconds, 1),
+            "run_dir": str((work / "run").relative_to(ROOT)), "overrides": overrides, "eval": result}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Budget: {report['budget']}; hardware: {report['hardware']}; {report['finished']}.", "",
+             "| experiment | paper | aaekit | train time | steps | hardware |", "|---|---|---|---|---|---|"]
+    for r in report["experiments"]:
+        if r["status"] == "ok":
+            se = f" ± {r['standard_error']:.1f}" if isinstance(r.get("standard_error"), (int, float)) else ""
+            value = f"{r['aaekit']:.2f}{se} {r['unit']}" if r["aaekit"] is not None else "(no number in eval output)"
+            lines.append(f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | {r['steps']} | "
+                         f"{report['hardware']} |")
+        else:
+            lines.append(f"| {r['table']} | {r['paper']} | {r['status']}: {r['reason']} | — | — | — |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget per experiment")
+    parser.add_argument("--only", action="append", choices=[e.key for e in EXPERIMENTS],
+                        help="run only this experiment (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="tiny nets and a few steps: checks the pipeline")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    opts = parser.parse_args(argv)
+    if opts.minutes <= 0:
+        parser.error("--minutes must be positive")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out_root = ROOT / "runs" / "reproduce" / stamp
+    n = 1
+    while out_root.exists():  # never reuse an earlier reproduction's folder
+        n += 1
+        out_root = ROOT / "runs" / "reproduce" / f"{stamp}-{n}"
+    metrics = available_metrics()
+    chosen = [e for e in EXPERIMENTS if not opts.only or e.key in opts.only]
+    rows = []
+    for exp in chosen:
+        print(f"[{exp.key}] ...", flush=True)
+        row = run_experiment(exp, opts, metrics, out_root)
+        detail = f"{row['aaekit']} {row['unit']} in {row['train_s']} s" if row["status"] == "ok" else row["reason"]
+        print(f"[{exp.key}] {row['status']}: {detail}", flush=True)
+        rows.append(row)
+    report = {"benchmark": "reproduce", "quick": opts.quick,
+              "budget": "quick (tiny nets, 6 steps)" if opts.quick else f"{opts.minutes:g} min of training per experiment",
+              "hardware": hardware(), "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "runs": str(out_root.relative_to(ROOT)), "experiments": rows}
+    opts.results.mkdir(parents=True, exist_ok=True)
+    for name, text in (("reproduce.json", json.dumps(report, indent=2) + "\n"), ("reproduce.md", markdown(report))):
+        tmp = opts.results / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(opts.results / name)
+    print(markdown(report))
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
