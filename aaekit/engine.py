@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -316,6 +318,20 @@ class Trainer:
         from aaekit.progress import Progress  # rich, kept out of import time of the CLI
 
         progress = Progress(total_steps, step, enabled=acc.is_main_process)
+        # Ctrl-C only asks to stop: training goes on to the next log step (a step boundary where the ranks
+        # synchronise anyway), so the checkpoint holds whole steps and whole metric windows and resuming stays
+        # exact. A second Ctrl-C stops at once (the last periodic checkpoint remains).
+        interrupt = {"requested": False, "at_boundary": False}
+
+        def on_sigint(signum, frame):
+            if interrupt["requested"]:
+                raise KeyboardInterrupt
+            interrupt["requested"] = True
+            acc.print("interrupt: going on to the next log step, then writing a checkpoint "
+                      "(Ctrl-C again to stop at once)")
+
+        previous_handler = (signal.signal(signal.SIGINT, on_sigint)
+                            if threading.current_thread() is threading.main_thread() else None)
         try:
             with progress:
                 while step < total_steps:
@@ -334,22 +350,37 @@ class Trainer:
                         epoch, step_in_epoch = epoch + 1, 0
                     at_end = step == total_steps
                     ckpt_due = cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0
-                    if step % cfg["log_every"] == 0 or epoch_done or at_end or ckpt_due:
+                    logged = step % cfg["log_every"] == 0 or epoch_done or at_end or ckpt_due
+                    if logged:
                         elapsed = time.perf_counter() - window_start
                         last = self.log(sums, window_steps, elapsed, step, epoch, epoch_done)
                         progress.update(step, epoch, last)
                         sums, window_steps, window_start = {}, 0, time.perf_counter()
                     if ckpt_due and not at_end:
                         self.save_checkpoint(step, epoch)
+                    if logged and not at_end and self.interrupt_agreed(interrupt["requested"]):
+                        interrupt["at_boundary"] = True
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if sums:
-                self.log(sums, window_steps, time.perf_counter() - window_start, step, epoch, False)
+            if not interrupt["at_boundary"]:
+                raise  # stopped mid-step: no checkpoint of a half-done step
             self.save_checkpoint(step, epoch)
             raise TrainingStopped(f"interrupted at step {step}; checkpoint written to {self.run_dir / 'checkpoints'}; "
                                   "continue with --resume", exit_code=130) from None
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         self.save_checkpoint(step, epoch)
         self.finish(last)
         return last
+
+    def interrupt_agreed(self, requested: bool) -> bool:
+        """Whether any rank was asked to stop: ranks must stop at the same step (the checkpoint is a collective)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return requested
+        votes = acc.reduce(torch.tensor([float(requested)], device=self.device), reduction="sum")
+        return bool(votes.item() > 0)
 
     def set_epoch_lr(self, epoch: int) -> None:
         scale = lr_scale(epoch, self.train_cfg["lr_milestones"], self.train_cfg["lr_gamma"])
