@@ -10,7 +10,8 @@ from aaekit.data import balanced_subset
 from conftest import aaekit, tiny_run_args
 
 SMALL = ["data.limit=400", "train.batch_size=20", "encoder.hidden=[32]", "decoder.hidden=[32]",
-         "codes.y.discriminator.hidden=[16]", "codes.z.discriminator.hidden=[16]", "data.labelled=40"]
+         "codes.y.discriminator.hidden=[16]", "codes.z.discriminator.hidden=[16]", "data.labelled=40",
+         "data.validation=0"]
 
 
 def trainer_for(recipe: str, tmp_path, *overrides):
