@@ -15,7 +15,11 @@ def train(recipe: Recipe, registry, *, output_dir: str | None = None, resume: bo
     from aaekit.engine import RESUMABLE_CHANGES, refuse_lonely_process, run_training
     from aaekit.rundir import check_resumable, choose_run_dir
 
-    state = PartialState()
+    from accelerate.utils import parse_flag_from_env
+
+    # A bare PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it), and once created it
+    # fixes the process group, so CPU mode must be passed here or a 2-process CPU launch sees one process.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     refuse_lonely_process(state.num_processes)  # before anything is written
     # Every rank checks before any rank creates the directory; rank 0's choice (the -2, -3 suffix) is then
     # broadcast so that all ranks agree.
