@@ -1,0 +1,185 @@
+"""aaekit.load, aaekit sample and aaekit eval on real (tiny) trained runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import aaekit
+from aaekit.errors import UserError
+from conftest import TINY, aaekit as run_cli, tiny_run_args
+
+SEMI_SUPERVISED = """
+[run]
+name = "api_semi"
+seed = 3
+[data]
+name = "mnist"
+labelled = 100
+[encoder]
+name = "gaussian"
+hidden = [32]
+[decoder]
+hidden = [32]
+output = "sigmoid"
+loss = "bce"
+[codes.z]
+dim = 2
+[codes.z.prior]
+name = "gaussian"
+[codes.z.discriminator]
+hidden = [16]
+[codes.y]
+kind = "categorical"
+dim = 10
+[codes.y.prior]
+name = "categorical"
+[codes.y.discriminator]
+hidden = [16]
+[heads.cls]
+name = "classifier"
+[train]
+pictures = false
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-code semi-supervised model trained in-process; the trainer's own outputs are the reference."""
+    from aaekit.engine import Trainer
+    from aaekit.plugins import get_registry
+    from aaekit.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("api")
+    (tmp / "semi.toml").write_text(SEMI_SUPERVISED)
+    registry = get_registry()
+    recipe = load_recipe(tmp / "semi.toml", [o for o in TINY if not o.startswith(("encoder.", "decoder."))], registry)
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.toml").write_text(recipe.dumps())
+    trainer = Trainer(recipe, run_dir, registry)
+    trainer.prepare(None)
+    trainer.fit()
+    model = trainer.model.eval()
+    x = torch.rand(6, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        codes = model.encoder(x.reshape(6, -1))
+        decoded = model.to_data_space(model.decoder(model.decoder_input(codes, None)).float())
+        sampled = model.sample(5, torch.tensor([0, 1, 2, 3, 4]), torch.Generator().manual_seed(7))
+    return run_dir, {"x": x, "codes": codes, "decoded": decoded.reshape(6, 28, 28), "sampled": sampled,
+                     "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def test_load_round_trip_matches_the_trained_model(trained):
+    run_dir, ref = trained
+    run = aaekit.load(run_dir)
+    state = run.model.state_dict()
+    assert set(state) == set(ref["state"])
+    assert all(torch.equal(state[k], ref["state"][k]) for k in state)
+    codes = run.encode(ref["x"])
+    torch.testing.assert_close(codes["z"], ref["codes"]["z"], rtol=0, atol=0)
+    torch.testing.assert_close(codes["y"], ref["codes"]["y"], rtol=0, atol=0)
+    torch.testing.assert_close(run.decode({"z": codes["z"], "y": codes["y"]}), ref["decoded"], rtol=0, atol=0)
+    torch.testing.assert_close(run.classify(ref["x"]), ref["codes"]["y"].argmax(1))
+    torch.testing.assert_close(run.sample(5, labels=[0, 1, 2, 3, 4], seed=7), ref["sampled"], rtol=0, atol=0)
+    # uint8 pixels are scaled as in training
+    pixels = (ref["x"] * 255).round().to(torch.uint8)
+    torch.testing.assert_close(run.encode(pixels)["z"], run.encode(pixels.float() / 255)["z"])
+
+
+def test_load_errors_are_clear(trained, tmp_path):
+    run_dir, _ = trained
+    with pytest.raises(UserError, match="no such run directory"):
+        aaekit.load(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="decode a dict"):
+        aaekit.load(run_dir).decode(torch.zeros(2, 2))
+    with pytest.raises(UserError, match="label 12 is out of range"):
+        aaekit.load(run_dir).sample(2, labels=[1, 12])
+    with pytest.raises(UserError, match="no categorical code"):
+        _classify_without_categorical_code(run_dir)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    (broken / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes()[:500])
+    with pytest.raises(UserError, match="corrupt or unreadable safetensors"):
+        aaekit.load(broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="model.safetensors: missing"):
+        aaekit.load(broken)
+    (broken / "recipe.toml").unlink()
+    with pytest.raises(UserError, match="recipe.toml: missing"):
+        aaekit.load(broken)
+
+
+def _classify_without_categorical_code(run_dir):
+    """The same model with its categorical code removed from the code list refuses to classify."""
+    run = aaekit.load(run_dir)
+    run.model.codes = [c for c in run.model.codes if c.kind != "categorical"]
+    run.classify(torch.zeros(1, 28, 28))
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """gmm_label through the CLI: bf16 mixed precision, a prior whose components are the classes."""
+    run_dir = tmp_path_factory.mktemp("cli") / "gmm"
+    result = run_cli(*tiny_run_args("recipes/gmm_label.toml", run_dir, "train.pictures=false"))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_bf16_run_loads_with_fp32_weights(cli_run):
+    run = aaekit.load(cli_run)
+    assert run.recipe.values["run"]["mixed_precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    images = run.sample(4, labels=[0, 1, 2, 3], seed=0)
+    assert images.shape == (4, 28, 28) and 0 <= images.min() and images.max() <= 1
+
+
+def test_sample_writes_png_of_the_right_size_and_never_overwrites(cli_run, tmp_path):
+    import matplotlib.pyplot as plt
+
+    out = tmp_path / "grid.png"
+    result = run_cli("sample", str(cli_run), "-n", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert plt.imread(out).shape[:2] == (3 * 28, 10 * 28)  # one column per class of the GMM prior
+
+    before = out.read_bytes()
+    again = run_cli("sample", str(cli_run), "--labels", "1,2", "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert out.read_bytes() == before
+    forced = run_cli("sample", str(cli_run), "--labels", "1,2", "-n", "4", "--out", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert plt.imread(out).shape[:2] == (4 * 28, 2 * 28)
+
+    walk = tmp_path / "walk.png"
+    result = run_cli("sample", str(cli_run), "--interpolate", "-n", "2", "--steps", "5", "--out", str(walk))
+    assert result.returncode == 0, result.stderr
+    assert plt.imread(walk).shape[:2] == (2 * 28, 5 * 28)
+
+
+def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):
+    out = tmp_path / "parzen.json"
+    result = run_cli("eval", str(cli_run), "--metric", "parzen", "-n", "500", "--test-limit", "200",
+                     "--sigmas", "0.1,0.2,0.4,0.8,1.6", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == json.loads(out.read_text())
+    assert report["num_samples"] == 500 and report["num_test"] == 200 and report["unit"] == "nats"
+    assert report["sigma"] in report["sigma_grid"]
+    best = max(range(5), key=report["validation_log_likelihood"].__getitem__)
+    assert report["sigma"] == report["sigma_grid"][best]
+    assert report["standard_error"] > 0 and -5000 < report["log_likelihood"] < 1000
+
+    again = run_cli("eval", str(cli_run), "-n", "10", "--output", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cli_run, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    for args in (["eval", str(broken), "-n", "10"], ["sample", str(broken), "--out", str(tmp_path / "x.png")]):
+        bad = run_cli(*args)
+        assert bad.returncode == 2
+        assert "model.safetensors: corrupt or unreadable" in bad.stderr and "Traceback" not in bad.stderr
