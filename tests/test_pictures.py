@@ -1,0 +1,41 @@
+"""A short gmm_label run on real MNIST writes the three pictures; matplotlib stays out of training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import ROOT, aaekit, tiny_run_args
+
+
+def test_gmm_label_run_writes_the_three_pictures(tmp_path):
+    run_dir = tmp_path / "run"
+    result = aaekit(*tiny_run_args("recipes/gmm_label.toml", run_dir))
+    assert result.returncode == 0, result.stderr
+    for name in ("samples.png", "reconstructions.png", "latent.png"):
+        with Image.open(run_dir / name) as image:
+            image.load()
+            width, height = image.size
+            assert width > 100 and height > 100, name
+            darkest, brightest = image.convert("L").getextrema()
+            assert brightest > darkest, f"{name} is a blank canvas"
+    with Image.open(run_dir / "samples.png") as samples:
+        assert samples.size == (10 * 28, 10 * 28)  # 10 rows x one column per component
+    with Image.open(run_dir / "reconstructions.png") as recon:
+        assert recon.size == (20 * 28, 5 * 28)  # 50 inputs, each beside its reconstruction
+
+
+def test_pictures_can_be_switched_off(tmp_path):
+    run_dir = tmp_path / "run"
+    result = aaekit(*tiny_run_args("recipes/gmm_label.toml", run_dir, "train.pictures=false"))
+    assert result.returncode == 0, result.stderr
+    assert not list(run_dir.glob("*.png"))
+
+
+def test_matplotlib_is_not_imported_by_training():
+    code = ("import sys, aaekit.cli, aaekit.engine, aaekit.training, aaekit.model; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
