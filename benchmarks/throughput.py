@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny nets and budget (seconds): a smoke test")
     parser.add_argument("--rounds", type=int, help="alternating rounds (default 7; 2 with --quick)")
     parser.add_argument("--steps", type=int, help="steps per contender per round")
+    parser.add_argument("--curve-steps", type=int, help="steps of the bf16-vs-fp32 loss curve (default 300)")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI start-up and peak-memory figures")
     parser.add_argument("--no-epochs", action="store_true", help="skip time per epoch vs training set size")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["rounds"] = opts.rounds
     if opts.steps:
         cfg["steps"] = opts.steps
+    if opts.curve_steps:
+        cfg["curve_steps"] = opts.curve_steps
     info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="aaekit-bench-"))
 

@@ -41,12 +41,13 @@ def test_throughput_quick_writes_every_figure(tmp_path):
     assert "samples/s" in out.stdout
 
 
-def test_reproduce_quick_runs_likelihood_and_reports_the_rest(tmp_path):
-    out = run_script("reproduce.py", "--quick", "--results", str(tmp_path))
+def test_reproduce_quick_trains_and_evaluates_likelihood(tmp_path):
+    # one experiment keeps it short; the others differ only in their recipe and metric name
+    out = run_script("reproduce.py", "--quick", "--only", "likelihood", "--results", str(tmp_path))
     assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
     report = json.loads((tmp_path / "reproduce.json").read_text())
     rows = {r["experiment"]: r for r in report["experiments"]}
-    assert "likelihood" in rows and len(rows) >= 8
+    assert set(rows) == {"likelihood"}
     for r in rows.values():
         assert r["status"] in ("ok", "skipped"), r
         assert r["status"] == "ok" or r["reason"]
