@@ -137,7 +137,9 @@ class LoadedRun:
         """The run's dataset component, built from its recipe (for evaluating on its splits)."""
         data = self.recipe.values["data"]
         cls = self.registry.get("dataset", data["name"]).cls
-        return cls(**{k: v for k, v in data.items() if k not in ("name", "labelled", "validation")})
+        from aaekit.recipe import dataset_params
+
+        return cls(**dataset_params(data))
 
 
 def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_dirs=()) -> LoadedRun:
@@ -166,8 +168,7 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
 
     data = recipe.values["data"]
     dataset_cls = registry.get("dataset", data["name"]).cls
-    params = {k: v for k, v in data.items() if k not in ("name", "labelled", "validation")}
-    model = build_model(recipe, registry, tuple(dataset_cls.input_shape), dataset_cls.classes(params))
+    model = build_model(recipe, registry, tuple(dataset_cls.input_shape), dataset_cls.classes(data))
     weights = load_tensors(weights_path, "model weights")
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

@@ -29,7 +29,7 @@ from aaekit import checkpoint as ckpt
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
 from aaekit.model import AAE, build_model
-from aaekit.recipe import CORE, Recipe
+from aaekit.recipe import Recipe, dataset_params
 
 # Recipe keys that may change when a run is resumed: extending it, or checkpointing differently.
 RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every",
@@ -99,8 +99,7 @@ class Trainer:
 
         # ---- data: held on the device, split and labelled reproducibly from the run seed ----
         torch.manual_seed(self.seed)
-        dataset = dataset_entry.cls(**{k: v for k, v in values["data"].items()
-                                        if k not in CORE["data"]})
+        dataset = dataset_entry.cls(**dataset_params(values["data"]))
         self.dataset = dataset
         train, validation = split_off(dataset.load("train"), values["data"]["validation"], self.seed + 1)
         self.num_classes = dataset.num_classes

@@ -156,6 +156,8 @@ class RawOverride(str):
 def unwrap_override(value: Any, types: tuple) -> Any:
     if not isinstance(value, RawOverride):
         return value
+    if isinstance(value.parsed, str):  # quoted on the command line ("gaussian") or unparsable as TOML
+        return value.parsed
     if str in types and _coerce(value.parsed, tuple(t for t in types if t is not str)) is _BAD:
         return str(value)
     return value.parsed

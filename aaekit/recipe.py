@@ -379,3 +379,8 @@ def dump_toml(values: dict) -> str:
 
 def _key(k: str) -> str:
     return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+def dataset_params(data: dict) -> dict:
+    """The keys of a resolved ``[data]`` table that belong to the dataset plugin (not to the engine)."""
+    return {k: v for k, v in data.items() if k not in CORE["data"]}
