@@ -143,6 +143,11 @@ class Head(nn.Module, Component):
     def classification_loss(self, codes: dict, labels: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    @classmethod
+    def defines_classification_loss(cls) -> bool:
+        """Whether this head class adds a semi-supervised loss (known before anything is built)."""
+        return cls.classification_loss is not Head.classification_loss
+
     @property
     def has_classification_loss(self) -> bool:
-        return type(self).classification_loss is not Head.classification_loss
+        return self.defines_classification_loss()

@@ -76,7 +76,7 @@ class Trainer:
 
         dataset_entry = registry.get("dataset", values["data"]["name"])
         has_classification = any(
-            registry.get("head", h["name"]).cls.classification_loss is not _head_base_loss()
+            registry.get("head", h["name"]).cls.defines_classification_loss()
             for h in values["heads"].values()
         )
         # Phases that use only part of the encoder (a classification step ignores z) need DDP to
@@ -514,11 +514,6 @@ class Trainer:
             ckpt.save_tensors(self.model.state_dict(), Path(dump) / f"rank{acc.process_index}.safetensors")
         acc.wait_for_everyone()
 
-
-def _head_base_loss():
-    from aaekit.contracts import Head
-
-    return Head.classification_loss
 
 
 def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = False, log_with: str | None = None) -> dict:

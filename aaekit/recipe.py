@@ -290,7 +290,7 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
         if entry is not None:
             context = {"codes": out["codes"], "num_classes": num_classes, "decoder": decoder}
             problems += [f"heads.{head_key}.{m}" for m in entry.cls.check_recipe(head, context)]
-            has_classification |= entry.cls.classification_loss is not _base_classification_loss()
+            has_classification |= entry.cls.defines_classification_loss()
         out["heads"][head_key] = head
     if has_classification and not num_classes:
         problems.append(f"heads: a classification head needs a labelled dataset; {data.get('name')!r} has none")
@@ -333,11 +333,6 @@ def decoder_matches_data(decoder: dict, value_range, dataset: str) -> list[str]:
                         f'{shown}; use loss = "mse"')
     return problems
 
-
-def _base_classification_loss():
-    from aaekit.contracts import Head
-
-    return Head.classification_loss
 
 
 def dump_toml(values: dict) -> str:

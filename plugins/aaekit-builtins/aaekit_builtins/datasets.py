@@ -69,10 +69,9 @@ def to_arrow(images: np.ndarray, labels: np.ndarray):
     import datasets
     import pyarrow as pa
 
-    n = images.shape[0]
     pixels = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images[0].size)
     table = pa.table({"image": pixels, "label": pa.array(labels.astype(np.int64))})
-    return datasets.Dataset(table) if n else datasets.Dataset(table)
+    return datasets.Dataset(table)
 
 
 def from_arrow(ds, shape) -> ArrayData:
