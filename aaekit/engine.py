@@ -101,7 +101,11 @@ class Trainer:
         torch.manual_seed(self.seed)
         dataset = dataset_entry.cls(**dataset_params(values["data"]))
         self.dataset = dataset
-        train, validation = split_off(dataset.load("train"), values["data"]["validation"], self.seed + 1)
+        full_train = dataset.load("train")
+        if values["data"]["validation"] >= len(full_train):
+            raise UserError(f"{recipe.path}: data.validation: {values['data']['validation']} held out of a training "
+                            f"split of {len(full_train)} leaves nothing to train on; lower it")
+        train, validation = split_off(full_train, values["data"]["validation"], self.seed + 1)
         self.num_classes = dataset.num_classes
         in_memory = values["data"]["in_memory"]
         self.train_data = hold(train, self.device, in_memory, acc.print)
@@ -533,9 +537,10 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
     finally:
         if log_with:
             acc.end_training()
-        # DDP processes can abort at exit unless models are released first
-        acc.free_memory()
+        # DDP processes can abort at exit unless models are released first. Only then: free_memory runs a
+        # full gc.collect, seconds on a large heap, for nothing in a single process.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            acc.free_memory()
             acc.wait_for_everyone()
 
 

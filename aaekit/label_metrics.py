@@ -24,8 +24,8 @@ def _categorical_code(run, want_classes: bool) -> str:
     for spec in model.codes:
         if spec.kind == "categorical" and (not want_classes or spec.dim == model.num_classes):
             return spec.name
-    what = f"a categorical code with one category per class ({model.num_classes})" if want_classes \
-        else "a categorical code"
+    what = f"categorical code with one category per class ({model.num_classes})" if want_classes \
+        else "categorical code"
     raise UserError(f"{run.run_dir}: this model has no {what}; that metric needs a recipe that declares one "
                     "(e.g. [codes.y] kind = \"categorical\")")
 

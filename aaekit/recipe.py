@@ -235,6 +235,10 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
                                      data.get("name"))
     if decoder.get("label_input") and data_entry and not num_classes:
         problems.append(f"decoder.label_input: dataset {data['name']!r} has no labels; set label_input = false")
+    if decoder.get("label_input") and data.get("labelled", "all") not in ("all", 1.0):
+        # The decoder would be fed labels of images the recipe declares unlabelled (the §4 model needs them all).
+        problems.append(f"decoder.label_input: needs every training label, but data.labelled = "
+                        f"{data.get('labelled')!r}; set data.labelled = \"all\" or label_input = false")
 
     codes_raw = _table(raw, "codes", "", problems, True)
     if not codes_raw and "codes" in raw:

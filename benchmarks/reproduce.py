@@ -6,7 +6,7 @@ evaluated with `aaekit eval`, as a user would run them.
     .venv/bin/python benchmarks/reproduce.py --quick          # tiny nets, a few steps: checks the pipeline
 
 The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
-Experiments whose recipe or evaluation metric does not exist yet are listed as skipped, with the reason.
+Experiments whose recipe does not exist are listed as skipped, with the reason.
 Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under runs/reproduce/.
 """
 
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ class Experiment:
     table: str
     recipe: str
     paper: str
-    metrics: tuple[str, ...]  # acceptable `aaekit eval --metric` names, first available wins
+    metric: str  # the `aaekit eval --metric` that scores it
     result_keys: tuple[str, ...]  # where the number is in the eval JSON, first present wins
     unit: str
     eval_args: tuple[str, ...] = ()
@@ -47,21 +46,21 @@ ERROR_KEYS = ("error",)  # `aaekit eval --metric classification`: a fraction
 CLUSTER_KEYS = ("error.paper", "error")  # `--metric clustering`: the paper's protocol first
 EXPERIMENTS = [
     Experiment("likelihood", "Table 1: Parzen log-likelihood, MNIST test (10K samples)", "gaussian.toml",
-               "340 ± 2", ("parzen",), ("log_likelihood",), "nats"),
+               "340 ± 2", "parzen", ("log_likelihood",), "nats"),
     Experiment("semisupervised_100", "Table 2: semi-supervised error, 100 labels", "semisupervised_100.toml",
-               "1.90 ± 0.10 %", ("classification",), ERROR_KEYS, "%"),
+               "1.90 ± 0.10 %", "classification", ERROR_KEYS, "%"),
     Experiment("semisupervised_1000", "Table 2: semi-supervised error, 1000 labels", "semisupervised_1000.toml",
-               "1.60 ± 0.08 %", ("classification",), ERROR_KEYS, "%"),
+               "1.60 ± 0.08 %", "classification", ERROR_KEYS, "%"),
     Experiment("semisupervised_all", "Table 2: supervised error, all labels", "semisupervised_all.toml",
-               "0.85 ± 0.02 %", ("classification",), ERROR_KEYS, "%"),
+               "0.85 ± 0.02 %", "classification", ERROR_KEYS, "%"),
     Experiment("cluster16", "Table 3: clustering error, 16 clusters", "cluster16.toml",
-               "9.55 %", ("clustering",), CLUSTER_KEYS, "%"),
+               "9.55 %", "clustering", CLUSTER_KEYS, "%"),
     Experiment("cluster30", "Table 3: clustering error, 30 clusters", "cluster30.toml",
-               "4.10 ± 1.13 %", ("clustering",), CLUSTER_KEYS, "%"),
+               "4.10 ± 1.13 %", "clustering", CLUSTER_KEYS, "%"),
     Experiment("dimred2d", "§7: 2-D dimensionality reduction, unsupervised (error)", "dimred2d.toml",
-               "~13.5 %", ("clustering",), CLUSTER_KEYS, "%"),
+               "~13.5 %", "clustering", CLUSTER_KEYS, "%"),
     Experiment("dimred2d_1000", "§7: 2-D dimensionality reduction, 1000 labels (error)", "dimred2d_1000.toml",
-               "—", ("classification",), ERROR_KEYS, "%"),
+               "—", "classification", ERROR_KEYS, "%"),
 ]
 
 # --quick: tiny nets, a few steps, a cheap evaluation; checks the pipeline, not the numbers.
@@ -74,15 +73,6 @@ QUICK_EVAL = {"parzen": ["-n", "200", "--validation-size", "100", "--test-limit"
 def aaekit(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aaekit", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def available_metrics() -> list[str] | None:
-    """The --metric choices `aaekit eval` offers, or None when there is no eval command."""
-    out = aaekit("eval", "--help")
-    if out.returncode != 0:
-        return None
-    found = re.search(r"--metric\s+\[([^\]]+)\]", out.stdout)
-    return [m.strip() for m in found.group(1).split("|")] if found else ["parzen"]
 
 
 def tiny_code_overrides(recipe_path: Path) -> list[str]:
@@ -138,19 +128,13 @@ def hardware() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads (CPU)"
 
 
-def run_experiment(exp: Experiment, opts, metrics: list[str] | None, out_root: Path) -> dict:
+def run_experiment(exp: Experiment, opts, out_root: Path) -> dict:
     recipe = ROOT / "recipes" / exp.recipe
     row = {"experiment": exp.key, "table": exp.table, "recipe": f"recipes/{exp.recipe}", "paper": exp.paper,
            "unit": exp.unit}
     if not recipe.exists():
         return {**row, "status": "skipped", "reason": f"recipes/{exp.recipe} does not exist yet"}
-    if metrics is None:
-        return {**row, "status": "skipped", "reason": "there is no `aaekit eval` command yet"}
-    metric = next((m for m in exp.metrics if m in metrics), None)
-    if metric is None:
-        return {**row, "status": "skipped",
-                "reason": f"`aaekit eval` has no metric for this yet (wanted one of {list(exp.metrics)}, "
-                          f"it offers {metrics})"}
+    metric = exp.metric
     work = out_root / exp.key
     overrides = [*exp.overrides]
     if opts.quick:
@@ -212,12 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     while out_root.exists():  # never reuse an earlier reproduction's folder
         n += 1
         out_root = ROOT / "runs" / "reproduce" / f"{stamp}-{n}"
-    metrics = available_metrics()
     chosen = [e for e in EXPERIMENTS if not opts.only or e.key in opts.only]
     rows = []
     for exp in chosen:
         print(f"[{exp.key}] ...", flush=True)
-        row = run_experiment(exp, opts, metrics, out_root)
+        row = run_experiment(exp, opts, out_root)
         detail = f"{row['aaekit']} {row['unit']} in {row['train_s']} s" if row["status"] == "ok" else row["reason"]
         print(f"[{exp.key}] {row['status']}: {detail}", flush=True)
         rows.append(row)

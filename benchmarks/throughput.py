@@ -37,9 +37,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 # The paper's likelihood setting (recipes/gaussian.toml); --quick shrinks the nets so a smoke test takes seconds.
 FULL = {"hidden": 1000, "batch": 100, "limit": 0, "warmup": 5, "rounds": 7, "steps": 20,
-        "curve_steps": 300, "epoch_sizes": [10_000, 30_000, 60_000], "cli_steps": 20}
+        "curve_steps": 300, "epoch_sizes": [10_000, 30_000, 60_000], "cli_steps": 20,
+        "cli_repeats": 5}
 QUICK = {"hidden": 64, "batch": 100, "limit": 2000, "warmup": 2, "rounds": 2, "steps": 3,
-         "curve_steps": 20, "epoch_sizes": [500, 1000, 2000], "cli_steps": 3}
+         "curve_steps": 20, "epoch_sizes": [500, 1000, 2000], "cli_steps": 3,
+         "cli_repeats": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +245,7 @@ def cli_timings(cfg: dict, work: Path) -> dict:
     memory, as a user's run does it (a fresh process, dataset cached)."""
     exe = [sys.executable, "-m", "aaekit"]
     help_times = []
-    for _ in range(5):
+    for _ in range(cfg["cli_repeats"]):
         start = time.perf_counter()
         subprocess.run([*exe, "--help"], check=True, capture_output=True)
         help_times.append(time.perf_counter() - start)
@@ -251,7 +253,7 @@ def cli_timings(cfg: dict, work: Path) -> dict:
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
     imported = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True).stderr
     baseline = []
-    for _ in range(3):
+    for _ in range(cfg["cli_repeats"]):
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         baseline.append(time.perf_counter() - start)

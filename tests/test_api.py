@@ -10,41 +10,7 @@ import torch
 
 import aaekit
 from aaekit.errors import UserError
-from conftest import TINY, aaekit as run_cli, tiny_run_args
-
-SEMI_SUPERVISED = """
-[run]
-name = "api_semi"
-seed = 3
-[data]
-name = "mnist"
-labelled = 100
-[encoder]
-name = "gaussian"
-hidden = [32]
-[decoder]
-hidden = [32]
-output = "sigmoid"
-loss = "bce"
-[codes.z]
-dim = 2
-[codes.z.prior]
-name = "gaussian"
-[codes.z.discriminator]
-hidden = [16]
-[codes.y]
-kind = "categorical"
-dim = 10
-[codes.y.prior]
-name = "categorical"
-[codes.y.discriminator]
-hidden = [16]
-[heads.cls]
-name = "classifier"
-[train]
-pictures = false
-"""
-
+from conftest import TINY, aaekit as run_cli, tiny_run_args, two_code_recipe
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -54,7 +20,9 @@ def trained(tmp_path_factory):
     from aaekit.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("api")
-    (tmp / "semi.toml").write_text(SEMI_SUPERVISED)
+    two_code_recipe(tmp / "semi.toml", run={"name": "api_semi", "seed": 3}, data={"name": "mnist", "labelled": 100},
+                    encoder={"name": "gaussian", "hidden": [32]},
+                    decoder={"hidden": [32], "output": "sigmoid", "loss": "bce"})
     registry = get_registry()
     recipe = load_recipe(tmp / "semi.toml", [o for o in TINY if not o.startswith(("encoder.", "decoder."))], registry)
     run_dir = tmp / "run"

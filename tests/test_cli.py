@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ROOT, aaekit
+from conftest import ROOT, aaekit, aaekit_process
 
 import aaekit as package
 
 
 def test_version_and_module_entry():
-    out = aaekit("--version")
+    out = aaekit_process("--version")  # the module entry point, in a real interpreter
     assert out.returncode == 0 and package.__version__ in out.stdout
 
 
@@ -52,3 +52,10 @@ def test_missing_mnist_is_a_clear_error(tmp_path):
                  "--output-dir", str(tmp_path / "r"))
     assert out.returncode == 2 and "data.path" in out.stderr and "idx" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_validation_split_larger_than_the_data_is_a_clear_error(tmp_path):
+    out = aaekit("run", str(ROOT / "recipes" / "gaussian.toml"), "data.limit=100", "data.validation=100",
+                 "--output-dir", str(tmp_path / "r"))
+    assert out.returncode == 2, out.stderr
+    assert "data.validation: 100 held out of a training split of 100" in out.stderr and "Traceback" not in out.stderr

@@ -15,57 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, aaekit
+from conftest import ROOT, aaekit, aaekit_process, two_code_recipe
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny nets: threads only contend on a shared machine
 
-# Two codes, a universal posterior (eta noise), input noise and a partially labelled classifier head:
-# every random stream of the engine is in use (batch order, labelled stream, prior samples, eta noise).
-SEMI_SUPERVISED = """
-[run]
-seed = 3
-[data]
-name = "mnist"
-limit = 400
-labelled = 60
-validation = {validation}
-[encoder]
-name = "universal"
-hidden = [16]
-noise_dim = 4
-input_noise = 0.3
-[decoder]
-hidden = [16]
-[codes.y]
-kind = "categorical"
-dim = 10
-[codes.y.prior]
-name = "categorical"
-[codes.y.discriminator]
-hidden = [16]
-[codes.z]
-dim = 2
-[codes.z.prior]
-name = "gaussian"
-[codes.z.discriminator]
-hidden = [16]
-[heads.cls]
-name = "classifier"
-code = "y"
-[train]
-batch_size = 20
-max_steps = {steps}
-log_every = 4
-checkpoint_every = 4
-pictures = false
-"""
 
-
-def write_recipe(tmp_path: Path, steps: int, validation: int = 0, name: str = "semi") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(SEMI_SUPERVISED.format(steps=steps, validation=validation))
-    return path
+def write_recipe(tmp_path: Path, steps: int, validation: int = 0, encoder: str = "universal",
+                 heads: dict | None = None) -> Path:
+    """Two codes, a universal posterior (eta noise), input noise and a partially labelled classifier head:
+    every random stream of the engine is in use (batch order, labelled stream, prior samples, eta noise)."""
+    return two_code_recipe(
+        tmp_path / "semi.toml", data={"limit": 400, "labelled": 60, "validation": validation},
+        encoder={"name": encoder, "hidden": [16], "input_noise": 0.3, **({"noise_dim": 4} if encoder == "universal" else {})},
+        train={"batch_size": 20, "max_steps": steps, "log_every": 4, "checkpoint_every": 4}, heads=heads or {})
 
 
 def launch_two_ranks(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -101,20 +64,22 @@ def assert_written_once(run_dir: Path, steps: int, log_every: int) -> None:
 # ---- multi-process data parallel ------------------------------------------------------------------
 
 def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path):
-    """Two codes + classifier head (find_unused_parameters, classification phase on the labelled stream)."""
+    """Two codes, the classifier head (find_unused_parameters, classification phase on the labelled stream) and
+    the cluster-heads head (§7)."""
     steps = 102  # 6 epochs of 17 steps: the last log line is an epoch end, with validation metrics
-    recipe = write_recipe(tmp_path, steps, validation=41)  # 41 items: uneven shards (21 + 20) to gather
-    # A deterministic posterior here: the universal one draws eta per shard during evaluation, so its
-    # validation numbers depend on how the split is sharded (a known limit, see the README).
-    recipe.write_text(recipe.read_text().replace('name = "universal"\nhidden = [16]\nnoise_dim = 4',
-                                                 'name = "deterministic"\nhidden = [16]'))
+    # 41 items: uneven shards (21 + 20) to gather. A deterministic posterior here: the universal one draws eta
+    # per shard during evaluation, so its validation numbers depend on how the split is sharded (see README).
+    # The §7 cluster heads too: a head with weights of its own (W_c must stay identical as well).
+    recipe = write_recipe(tmp_path, steps, validation=41, encoder="deterministic",
+                          heads={"dimred": {"name": "cluster_heads", "code_y": "y", "code_z": "z"}})
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     result = launch_two_ranks("run", str(recipe), "train.log_every=17", "--output-dir", str(run_dir),
                               env={"AAEKIT_DUMP_RANKS": str(dump)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("run directory:") == 1  # only rank 0 announces (and creates) the run
     keys = assert_ranks_identical(dump)
-    assert any(k.startswith("discriminators.y.") for k in load_file(str(dump / "rank0.safetensors")))
+    dumped = load_file(str(dump / "rank0.safetensors"))
+    assert any(k.startswith("discriminators.y.") for k in dumped) and any(k.startswith("heads.dimred.") for k in dumped)
     assert keys == len(load_file(str(run_dir / "model.safetensors")))
     assert_written_once(run_dir, steps, 17)
 
@@ -181,8 +146,7 @@ def test_bf16_trains_close_to_fp32(tmp_path):
     lines = {}
     for precision in ("no", "bf16"):
         run_dir = tmp_path / precision
-        result = aaekit("run", str(recipe), f"run.mixed_precision={precision}", "--output-dir", str(run_dir),
-                        env=ONE_THREAD)
+        result = aaekit("run", str(recipe), f"run.mixed_precision={precision}", "--output-dir", str(run_dir))
         assert result.returncode == 0, result.stderr[-3000:]
         lines[precision] = metric_lines(run_dir)
     for fp32, bf16 in zip(lines["no"], lines["bf16"]):
@@ -216,11 +180,12 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
     steps = 40
     recipe = write_recipe(tmp_path, steps)
     reference, broken = tmp_path / "reference", tmp_path / "broken"
-    result = aaekit("run", str(recipe), "--output-dir", str(reference), env=ONE_THREAD)
+    result = aaekit("run", str(recipe), "--output-dir", str(reference))
     assert result.returncode == 0, result.stderr[-3000:]
 
     # 1. SIGKILL in the middle of writing checkpoint 12 (model file written, the rest not).
-    result = aaekit("run", str(recipe), "--output-dir", str(broken), env={"AAEKIT_TEST_KILL_IN_CHECKPOINT": "12", **ONE_THREAD})
+    result = aaekit_process("run", str(recipe), "--output-dir", str(broken),
+                            env={"AAEKIT_TEST_KILL_IN_CHECKPOINT": "12", **ONE_THREAD})
     assert result.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (broken / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000008"]
     assert list((broken / "checkpoints").glob(".tmp-step-00000012-*"))  # the half-written one, never picked
@@ -243,7 +208,7 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
     # 4. Corrupt the newest checkpoint: resume reports it and uses the previous good one.
     model_file = newest / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:100])
-    result = aaekit("run", str(recipe), "--output-dir", str(broken), "--resume", env=ONE_THREAD)
+    result = aaekit("run", str(recipe), "--output-dir", str(broken), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"skipping corrupt checkpoint {newest.name}" in result.stdout + result.stderr
     assert "truncated" in result.stdout + result.stderr
@@ -262,7 +227,7 @@ def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path):
     recipe = write_recipe(tmp_path, 60)
     run_dir = tmp_path / "run"
     result = aaekit("run", str(recipe), "train.lr_milestones=[1]", "train.lr_gamma=1e33",
-                    "--output-dir", str(run_dir), env=ONE_THREAD)
+                    "--output-dir", str(run_dir))
     assert result.returncode == 3, result.stderr[-3000:]
     assert "loss diverged" in result.stderr and "Traceback" not in result.stderr
     from aaekit.checkpoint import latest_checkpoint

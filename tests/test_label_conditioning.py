@@ -195,3 +195,11 @@ def test_imbalance_warning_for_the_encoder_side(trainer, capsys):
     t = trainer("train.imbalance_warning_steps=10")
     t.check_imbalance({"accuracy/prior.z": 0.5, "accuracy/code.z": 0.0}, 10)
     assert "the encoder (generator) has won completely" in capsys.readouterr().out
+
+
+def test_decoder_label_input_needs_every_label():
+    """§4 feeds the label to the decoder: with part of the labels it would see labels declared unknown."""
+    supervised = GMM_LABEL.parent / "supervised.toml"
+    [problem] = problems_of(supervised, "data.labelled=100")
+    assert "decoder.label_input: needs every training label, but data.labelled = 100" in problem
+    load_recipe(supervised, ["data.labelled=100", "decoder.label_input=false"], get_registry())  # accepted

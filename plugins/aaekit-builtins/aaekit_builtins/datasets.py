@@ -78,7 +78,8 @@ def from_arrow(ds, shape) -> ArrayData:
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
     pixels = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     labels = table.column("label").to_numpy()
-    x = torch.from_numpy(np.ascontiguousarray(pixels).reshape(len(labels), *shape))
+    # A copy: the Arrow buffer may be a read-only memory map, which torch must not wrap (45 MiB for MNIST).
+    x = torch.from_numpy(np.array(pixels, copy=True).reshape(len(labels), *shape))
     return ArrayData(x, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
 
 
