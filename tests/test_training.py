@@ -74,18 +74,3 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
     out = aaekit(*tiny_run_args("recipes/gaussian.toml", tmp_path / "none"), "--resume")
     assert out.returncode == 2 and "no run to resume" in out.stderr and "Traceback" not in out.stderr
 
-
-def test_log_with_tensorboard_records_the_same_metrics(tmp_path):
-    """--log-with (the `tensorboard` extra, which .ci/setup installs) logs what metrics.jsonl holds."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = tmp_path / "run"
-    out = aaekit(*tiny_run_args("recipes/gaussian.toml", run_dir, "train.pictures=false"), "--log-with", "tensorboard")
-    assert out.returncode == 0, out.stderr
-    [events] = list(run_dir.rglob("events.out.tfevents.*"))
-    accumulator = EventAccumulator(str(events.parent))
-    accumulator.Reload()
-    logged = accumulator.Scalars("loss/reconstruction")
-    rows = metrics(run_dir)
-    assert [e.step for e in logged] == [r["step"] for r in rows] == [2, 4]
-    assert [e.value for e in logged] == pytest.approx([r["loss/reconstruction"] for r in rows], rel=1e-6)
