@@ -48,14 +48,7 @@ def tiny_code_overrides(recipe_values: dict) -> list[str]:
     return [f"codes.{c}.discriminator.hidden=[16]" for c in recipe_values.get("codes", {})]
 
 
-class Outcome:
-    """What a CLI call left behind, shaped like ``subprocess.CompletedProcess``."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def aaekit(*args: str, cwd: Path | None = None, env: dict | None = None) -> Outcome:
+def aaekit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in this process (click's runner): the same code, exit codes and output as a user's
     shell gets, without paying a fresh interpreter and torch import per call. Exceptions that the CLI does
     not turn into a message appear as a traceback on stderr, exactly where a user would see one.
@@ -83,7 +76,7 @@ def aaekit(*args: str, cwd: Path | None = None, env: dict | None = None) -> Outc
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
-    return Outcome(result.exit_code, result.stdout, stderr)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
 
 
 def aaekit_process(*args: str, cwd: Path | None = None, env: dict | None = None,
