@@ -533,15 +533,36 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
         trainer.prepare(checkpoint)
         if log_with:
             acc.init_trackers(recipe.values["run"]["name"], config=_flat(recipe.values))
-        return trainer.fit()
+        result = trainer.fit()
+    except TrainingStopped:
+        release_ranks(acc)  # every rank stops alike: divergence and Ctrl-C are agreed on at log steps
+        raise
+    except UserError:
+        raise
+    except BaseException:
+        if acc.num_processes > 1:
+            # The other ranks may be waiting in a collective this one will never join. Leaving at once (no
+            # barrier, no atexit teardown) lets the launcher see the failure and stop them, instead of a hang.
+            import sys
+            import traceback
+
+            print(f"rank {acc.process_index}: training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        raise
     finally:
         if log_with:
             acc.end_training()
-        # DDP processes can abort at exit unless models are released first. Only then: free_memory runs a
-        # full gc.collect, seconds on a large heap, for nothing in a single process.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            acc.free_memory()
-            acc.wait_for_everyone()
+    release_ranks(acc)
+    return result
+
+
+def release_ranks(acc: Accelerator) -> None:
+    """DDP processes can abort at exit unless models are released first. Only then: free_memory runs a
+    full gc.collect, seconds on a large heap, for nothing in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        acc.free_memory()
+        acc.wait_for_everyone()
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

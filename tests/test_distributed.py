@@ -105,7 +105,7 @@ def test_two_ranks_gmm_label_identical_only_rank0_writes(tmp_path):
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     steps = 100
     result = launch_two_ranks(
-        "run", str(ROOT / "recipes/gmm_label.toml"), f"train.max_steps={steps}", "train.log_every=10",
+        "run", str(ROOT / "recipes/gmm_label.toml"), "train.epochs=10", f"train.max_steps={steps}", "train.log_every=10",
         "train.batch_size=20", "train.checkpoint_every=30", "encoder.hidden=[16]", "decoder.hidden=[16]",
         "codes.z.discriminator.hidden=[16]", "data.limit=400", "--output-dir", str(run_dir),
         env={"AAEKIT_DUMP_RANKS": str(dump)})
@@ -180,7 +180,8 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
     steps = 40
     recipe = write_recipe(tmp_path, steps)
     reference, broken = tmp_path / "reference", tmp_path / "broken"
-    result = aaekit("run", str(recipe), "--output-dir", str(reference))
+    # Every run here in a fresh one-threaded process: float reductions may differ with the thread count.
+    result = aaekit_process("run", str(recipe), "--output-dir", str(reference), env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
 
     # 1. SIGKILL in the middle of writing checkpoint 12 (model file written, the rest not).
@@ -208,7 +209,7 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
     # 4. Corrupt the newest checkpoint: resume reports it and uses the previous good one.
     model_file = newest / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:100])
-    result = aaekit("run", str(recipe), "--output-dir", str(broken), "--resume")
+    result = aaekit_process("run", str(recipe), "--output-dir", str(broken), "--resume", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"skipping corrupt checkpoint {newest.name}" in result.stdout + result.stderr
     assert "truncated" in result.stdout + result.stderr
