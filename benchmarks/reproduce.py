@@ -18,7 +18,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=[e.key for e in EXPERIMENTS],
                         help="run only this experiment (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny nets and a few steps: checks the pipeline")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="experiments trained at the same time (e.g. 8 on one large GPU)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     opts = parser.parse_args(argv)
     if opts.minutes <= 0:
@@ -197,24 +201,40 @@ def main(argv: list[str] | None = None) -> int:
         n += 1
         out_root = ROOT / "runs" / "reproduce" / f"{stamp}-{n}"
     chosen = [e for e in EXPERIMENTS if not opts.only or e.key in opts.only]
-    rows = []
-    for exp in chosen:
+    rows: dict[str, dict] = {}
+    budget = "quick (tiny nets, 6 steps)" if opts.quick else f"{opts.minutes:g} min of training per experiment"
+    if opts.parallel > 1:
+        budget += f", {opts.parallel} at a time"
+    lock = threading.Lock()
+
+    def write_report() -> dict:
+        """Rewritten after every experiment, so an interrupted reproduction keeps what finished."""
+        done = [rows[e.key] for e in chosen if e.key in rows]
+        report = {"benchmark": "reproduce", "quick": opts.quick, "budget": budget, "hardware": hardware(),
+                  "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "runs": str(out_root.relative_to(ROOT)), "experiments": done}
+        opts.results.mkdir(parents=True, exist_ok=True)
+        for name, text in (("reproduce.json", json.dumps(report, indent=2) + "\n"), ("reproduce.md", markdown(report))):
+            tmp = opts.results / (name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(opts.results / name)
+        return report
+
+    def one(exp: Experiment) -> None:
         print(f"[{exp.key}] ...", flush=True)
         row = run_experiment(exp, opts, out_root)
         detail = f"{row['aaekit']} {row['unit']} in {row['train_s']} s" if row["status"] == "ok" else row["reason"]
         print(f"[{exp.key}] {row['status']}: {detail}", flush=True)
-        rows.append(row)
-    report = {"benchmark": "reproduce", "quick": opts.quick,
-              "budget": "quick (tiny nets, 6 steps)" if opts.quick else f"{opts.minutes:g} min of training per experiment",
-              "hardware": hardware(), "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "runs": str(out_root.relative_to(ROOT)), "experiments": rows}
-    opts.results.mkdir(parents=True, exist_ok=True)
-    for name, text in (("reproduce.json", json.dumps(report, indent=2) + "\n"), ("reproduce.md", markdown(report))):
-        tmp = opts.results / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(opts.results / name)
+        with lock:
+            rows[exp.key] = row
+            write_report()
+
+    # Experiments are separate processes: on a large GPU several share it well (each alone leaves it idle).
+    with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
+        list(pool.map(one, chosen))
+    report = write_report()
     print(markdown(report))
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
+    return 1 if any(r["status"] == "failed" for r in report["experiments"]) else 0
 
 
 if __name__ == "__main__":

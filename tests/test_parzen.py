@@ -40,7 +40,9 @@ def test_blocks_do_not_change_the_result():
     samples, x = torch.rand(300, 20, generator=g), torch.rand(50, 20, generator=g)
     whole = parzen_log_likelihoods(x, samples, [0.1, 0.3], batch_size=1000)
     blocks = parzen_log_likelihoods(x, samples, [0.1, 0.3], batch_size=7)
-    torch.testing.assert_close(whole, blocks)
+    # float32 distances from |x|^2 + |s|^2 - 2 x.s: a block of other height may take another matmul kernel,
+    # so agreement is to float32 rounding of values around -50, not bitwise
+    torch.testing.assert_close(whole, blocks, rtol=1e-5, atol=1e-4)
 
 
 def test_gaussian_closed_form():
