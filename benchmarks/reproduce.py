@@ -66,7 +66,7 @@ EXPERIMENTS = [
 ]
 
 # --quick: tiny nets, a few steps, a cheap evaluation; checks the pipeline, not the numbers.
-QUICK_OVERRIDES = ["train.batch_size=20", "encoder.hidden=[32]", "decoder.hidden=[32]", "data.limit=400",
+QUICK_OVERRIDES = ["train.batch_size=20", "data.validation=0", "encoder.hidden=[32]", "decoder.hidden=[32]", "data.limit=400",
                    "train.pictures=false", "train.checkpoint_every=0"]
 QUICK_EVAL = {"parzen": ["-n", "200", "--validation-size", "100", "--test-limit", "200", "--sigmas", "0.1,0.2,0.4"],
               "classification": ["--test-limit", "200"], "clustering": ["--test-limit", "200"]}
