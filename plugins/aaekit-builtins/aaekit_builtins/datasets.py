@@ -80,7 +80,7 @@ def from_arrow(ds, shape) -> ArrayData:
     labels = table.column("label").to_numpy()
     # A copy: the Arrow buffer may be a read-only memory map, which torch must not wrap (45 MiB for MNIST).
     x = torch.from_numpy(np.array(pixels, copy=True).reshape(len(labels), *shape))
-    return ArrayData(x, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+    return ArrayData(x, torch.from_numpy(np.array(labels, dtype=np.int64)))  # a writable copy (small)
 
 
 class MNIST(Dataset):
