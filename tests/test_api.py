@@ -151,3 +151,27 @@ def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):
         bad = run_cli(*args)
         assert bad.returncode == 2
         assert "model.safetensors: corrupt or unreadable" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_log_with_tensorboard_logs_the_metrics_of_metrics_jsonl(tmp_path):
+    """`--log-with tensorboard`: every numeric metric line also reaches the tracker, at the same steps.
+    In a process of its own (the tracker's writer threads end with it), with a timeout instead of a hang."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import aaekit_process
+
+    run = tmp_path / "tb"
+    result = aaekit_process(*tiny_run_args("recipes/gaussian.toml", run, "train.pictures=false"),
+                            "--log-with", "tensorboard", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scalars: dict[str, list] = {}
+    for events in run.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(acc.Scalars(tag))
+    for key in ("loss/reconstruction", "loss/discriminator.z", "accuracy/code.z"):
+        logged = sorted((e.step, e.value) for e in scalars[key])
+        assert [s for s, _ in logged] == [line["step"] for line in lines], key
+        assert [v for _, v in logged] == pytest.approx([line[key] for line in lines], rel=1e-6), key
