@@ -262,3 +262,25 @@ def test_a_csv_trains_streamed_and_evaluates(tmp_path):
     assert math.isfinite(records[-1]["loss/reconstruction"])
     assert "validation/reconstruction_mse" in records[-1]  # 140 train rows / 16 = 8 steps: one epoch
     assert (out / "model.safetensors").exists() and (out / "latent.png").exists()
+
+
+def test_mnist_cache_hit_gives_the_idx_files_tensors_without_importing_datasets(tmp_path, monkeypatch):
+    """First load converts the idx files into the cache; the second reads the cached Arrow file with pyarrow
+    alone (start-up time) and must give the very same tensors as the raw files."""
+    import subprocess
+    import sys
+
+    from aaekit_builtins.datasets import FILES, MNIST, find_local, read_idx
+
+    monkeypatch.setenv("AAEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    fresh = MNIST().load("test")
+    assert list((tmp_path / "cache" / "mnist").glob("test-*"))
+    cached = MNIST().load("test")
+    raw_x, raw_y = (read_idx(find_local("") / f) for f in FILES["test"])
+    for data in (fresh, cached):
+        assert torch.equal(data.x, torch.from_numpy(raw_x.copy())) and torch.equal(data.y, torch.from_numpy(raw_y.astype(np.int64)))
+    probe = ("import sys; from aaekit_builtins.datasets import MNIST; d = MNIST().load('test'); "
+             "print(len(d), 'datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "AAEKIT_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.stdout.split() == ["10000", "False"], out.stderr[-2000:]
