@@ -157,6 +157,11 @@ class Trainer:
         # that rank raise before that step, to prove the other ranks do not hang.
         fault = os.environ.get("AAEKIT_TEST_RAISE_AT", "")
         self._raise_at = tuple(int(v) for v in fault.split(":")) if fault else None
+        # AAEKIT_TEST_SIGNAL_AT="SIGNAL:STEP" (e.g. "SIGINT:26"): the process sends itself that real signal as that
+        # step begins, so kill and Ctrl-C tests do not race a run that may finish before a watcher reacts.
+        signal_at = os.environ.get("AAEKIT_TEST_SIGNAL_AT", "")
+        self._signal_at = ((getattr(signal, signal_at.split(":")[0]), int(signal_at.split(":")[1]))
+                           if signal_at else None)
 
     # ------------------------------------------------------------------------------------------------
     def prepare(self, checkpoint: ckpt.Checkpoint | None) -> None:
@@ -344,6 +349,8 @@ class Trainer:
                             self.batches.start_pass()  # drop the remainder of the last pass
                     if self._raise_at == (acc.process_index, step):
                         raise RuntimeError(f"AAEKIT_TEST_RAISE_AT: rank {acc.process_index} fails at step {step}")
+                    if self._signal_at is not None and self._signal_at[1] == step:
+                        os.kill(os.getpid(), self._signal_at[0])
                     index = self.rank_slice(self.batches.take(cfg["batch_size"])).to(self.device)
                     for k, v in self.train_step(index).items():
                         sums[k] = sums[k] + v if k in sums else v.clone()

@@ -159,23 +159,6 @@ def test_bf16_trains_close_to_fp32(tmp_path):
 
 # ---- exact resume and faults ----------------------------------------------------------------------
 
-def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, at_least: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        folder = run_dir / "checkpoints"
-        steps = [int(p.name[5:]) for p in folder.glob("step-*")] if folder.is_dir() else []
-        if steps and max(steps) >= at_least:
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint >= {at_least} within {timeout}s")
-
-
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "aaekit", *args], cwd=ROOT, env={**os.environ, **ONE_THREAD},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path):
     steps = 40
     recipe = write_recipe(tmp_path, steps)
@@ -191,20 +174,21 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
     assert sorted(p.name for p in (broken / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000008"]
     assert list((broken / "checkpoints").glob(".tmp-step-00000012-*"))  # the half-written one, never picked
 
-    # 2. Resume, then SIGKILL at whatever step it has reached once checkpoint 16 exists.
-    process = start(["run", str(recipe), "--output-dir", str(broken), "--resume"])
-    wait_for_checkpoint(broken, process, 16)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    # 2. Resume, then SIGKILL in the middle of the run, between checkpoints (at step 18).
+    result = aaekit_process("run", str(recipe), "--output-dir", str(broken), "--resume",
+                            env={"AAEKIT_TEST_SIGNAL_AT": "SIGKILL:18", **ONE_THREAD})
+    assert result.returncode == -signal.SIGKILL
+    assert max(p.name for p in (broken / "checkpoints").glob("step-*")) == "step-00000016"
 
-    # 3. Resume, then Ctrl-C: a checkpoint at the current step, a message, exit 130.
-    process = start(["run", str(recipe), "--output-dir", str(broken), "--resume"])
-    wait_for_checkpoint(broken, process, 24)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 130, err[-3000:]
-    assert "interrupted at step" in err and "--resume" in err
+    # 3. Resume, then Ctrl-C (a real SIGINT, at step 26): training goes on to the next log step (28), writes a
+    # checkpoint there, prints how to continue and exits with 130.
+    result = aaekit_process("run", str(recipe), "--output-dir", str(broken), "--resume",
+                            env={"AAEKIT_TEST_SIGNAL_AT": "SIGINT:26", **ONE_THREAD})
+    err = result.stderr
+    assert result.returncode == 130, err[-3000:]
+    assert "interrupted at step 28" in err and "--resume" in err
     newest = max((broken / "checkpoints").glob("step-*"), key=lambda p: p.name)
+    assert newest.name == "step-00000028"
 
     # 4. Corrupt the newest checkpoint: resume reports it and uses the previous good one.
     model_file = newest / "model.safetensors"
