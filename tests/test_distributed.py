@@ -101,16 +101,18 @@ def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path
 
 
 def test_two_ranks_gmm_label_identical_only_rank0_writes(tmp_path):
-    """The label-conditioned GMM recipe (§2.3), pictures on: every module identical on both ranks."""
+    """The label-conditioned GMM recipe (§2.3), pictures on, the training split streamed (data.in_memory = false:
+    each rank gathers only its own slice of every batch): every module identical on both ranks."""
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     steps = 100
     result = launch_two_ranks(
         "run", str(ROOT / "recipes/gmm_label.toml"), "train.epochs=10", f"train.max_steps={steps}", "train.log_every=10",
         "train.batch_size=20", "train.checkpoint_every=30", "encoder.hidden=[16]", "decoder.hidden=[16]",
-        "codes.z.discriminator.hidden=[16]", "data.limit=400", "--output-dir", str(run_dir),
+        "codes.z.discriminator.hidden=[16]", "data.limit=400", "data.in_memory=false", "--output-dir", str(run_dir),
         env={"AAEKIT_DUMP_RANKS": str(dump)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_ranks_identical(dump)
+    assert "training split (400 x (28, 28) uint8) streamed from" in result.stdout, result.stdout[-2000:]
     assert_written_once(run_dir, steps, 10)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "step-00000060", "step-00000090", "step-00000100"]

@@ -132,6 +132,21 @@ def test_categorical_is_one_hot_of_the_label_and_uniform_without():
     assert torch.allclose(y.mean(0), torch.full((10,), 0.1), atol=0.01)
 
 
+def test_smoothed_categorical_stays_on_the_simplex_near_its_label():
+    """smoothing = s: each sample is (1 - w) one-hot + w * (uniform point of the simplex), w ~ U(0, s)."""
+    prior = build("categorical", 10, smoothing=0.2)
+    labels = torch.arange(N) % 10
+    y = prior.sample(N, labels, generator=seeded())
+    assert torch.allclose(y.sum(1), torch.ones(N), atol=1e-5) and (y >= 0).all()
+    assert torch.equal(y.argmax(1), labels)
+    top = y.max(1).values
+    assert top.min() >= 0.8 - 1e-6 and top.max() < 1  # never exactly one-hot, never further than the weight allows
+    # E[top] = 1 - E[w] + E[w] E[d_label] = 1 - 0.1 + 0.1 * 0.1
+    assert abs(top.mean().item() - 0.91) < 0.005
+    off = y[torch.arange(N), (labels + 1) % 10]
+    assert abs(off.mean().item() - 0.01) < 0.001  # E[w] * E[d_other] = 0.1 * 0.1
+
+
 def test_priors_sample_on_the_generators_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")

@@ -122,11 +122,16 @@ class CategoricalPrior(Prior):
     """One-hot vectors of K = dim categories, uniformly drawn (the prior of a categorical code y)."""
 
     name = "categorical"
-    params = {}
+    params = {
+        "smoothing": Param(float, 0.0, min=0, max=1, help=(
+            "mix each one-hot with a uniform point of the simplex by a weight drawn from U(0, smoothing): the "
+            "encoder's softmax is never exactly one-hot, so exact one-hots let the discriminator win on that alone")),
+    }
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, smoothing: float = 0.0):
         super().__init__(dim)
         self.num_components = dim
+        self.smoothing = smoothing
 
     @classmethod
     def components(cls, params, dim):
@@ -135,7 +140,13 @@ class CategoricalPrior(Prior):
     def sample(self, n, labels=None, *, generator=None, device="cpu"):
         if labels is None:
             labels = torch.randint(self.dim, (n,), generator=generator, device=device)
-        return F.one_hot(labels, self.dim).float()
+        y = F.one_hot(labels, self.dim).float()
+        if self.smoothing > 0:
+            weight = self.smoothing * torch.rand(n, 1, generator=generator, device=device)
+            # a uniform point of the simplex: normalised exponentials (Dirichlet(1, ..., 1))
+            spread = -torch.log(torch.rand(n, self.dim, generator=generator, device=device).clamp_min(1e-12))
+            y = (1 - weight) * y + weight * spread / spread.sum(dim=1, keepdim=True)
+        return y
 
 
 @hookimpl
