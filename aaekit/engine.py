@@ -15,8 +15,10 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -550,9 +552,6 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
         if acc.num_processes > 1:
             # The other ranks may be waiting in a collective this one will never join. Leaving at once (no
             # barrier, no atexit teardown) lets the launcher see the failure and stop them, instead of a hang.
-            import sys
-            import traceback
-
             print(f"rank {acc.process_index}: training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(1)
