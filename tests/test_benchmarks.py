@@ -55,3 +55,16 @@ def test_reproduce_quick_trains_and_evaluates_likelihood(tmp_path, capsys):
     assert (ROOT / row["run_dir"] / "model.safetensors").exists()
     table = (tmp_path / "reproduce.md").read_text()
     assert "| experiment | paper | aaekit |" in table and "340" in table
+
+
+def test_reproduce_parallel_keeps_the_table_order_and_every_row(tmp_path):
+    """--parallel 2: two experiments train at once, as separate `python -m aaekit` processes; the report lists
+    both in the table's order whichever finished first."""
+    reproduce = script("reproduce")
+    chosen = ["semisupervised_all", "likelihood"]  # given out of table order on purpose
+    args = ["--quick", "--parallel", "2", "--results", str(tmp_path)] + [a for k in chosen for a in ("--only", k)]
+    assert reproduce.main(args) == 0
+    report = json.loads((tmp_path / "reproduce.json").read_text())
+    assert [r["experiment"] for r in report["experiments"]] == ["likelihood", "semisupervised_all"]
+    assert all(r["status"] == "ok" and isinstance(r["aaekit"], float) for r in report["experiments"])
+    assert "2 at a time" in report["budget"]
