@@ -431,20 +431,23 @@ class Trainer:
         return record
 
     def check_imbalance(self, values: dict, steps: int) -> None:
-        """Warn once per code when one side of its discriminator wins completely for a long stretch."""
+        """Warn once per code when one side of its discriminator wins for a long stretch: the discriminator right
+        on 90 % of prior samples and codes together (a gmm_label run whose codes never reached the prior sat at
+        94-96 % from step 300 on; healthy runs stay near 60-75 %), or codes passing for prior samples 99 % of
+        the time."""
         limit = self.train_cfg["imbalance_warning_steps"]
         for code in self.imbalance:
             prior_acc, code_acc = values.get(f"accuracy/prior.{code}"), values.get(f"accuracy/code.{code}")
             if prior_acc is None:
                 continue
-            d_wins = prior_acc > 0.99 and code_acc > 0.99
+            d_wins = (prior_acc + code_acc) / 2 >= 0.9
             g_wins = code_acc < 0.01
             self.imbalance[code] = self.imbalance[code] + steps if (d_wins or g_wins) else 0
             if limit and self.imbalance[code] >= limit and code not in self.warned_imbalance:
                 self.warned_imbalance.add(code)
                 side = "discriminator" if d_wins else "encoder (generator)"
                 self.accelerator.print(
-                    f"warning: for code {code!r} the {side} has won completely for {self.imbalance[code]} steps; "
+                    f"warning: for code {code!r} the {side} has been winning for {self.imbalance[code]} steps; "
                     "the codes are probably not matching the prior. Balance the learning rates of "
                     "[optim.discriminator] and [optim.generator] (or the discriminator's size).")
 

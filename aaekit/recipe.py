@@ -71,7 +71,7 @@ CORE: dict[str, dict[str, Param]] = {
         "lr_gamma": Param(float, 0.1, min=0),
         "pictures": Param(bool, True, help="write samples.png, reconstructions.png, latent.png"),
         "imbalance_warning_steps": Param(
-            int, 2000, min=0, help="warn when one side of a discriminator wins completely for this many steps"
+            int, 500, min=0, help="warn when one side of a discriminator wins for this many steps (0: never)"
         ),
     },
 }
