@@ -103,10 +103,12 @@ def budget_steps(recipe: Path, overrides: list[str], minutes: float, work: Path)
 
     batch = load_recipe(recipe, overrides).values["train"]["batch_size"]
     calib = work / "calibration"
-    train(recipe, [*overrides, "train.max_steps=30", "train.log_every=10", "train.checkpoint_every=0",
-                   "train.pictures=false"], calib)
+    wall, _ = train(recipe, [*overrides, "train.max_steps=30", "train.log_every=10", "train.checkpoint_every=0",
+                             "train.pictures=false"], calib)
     samples_per_s = last_record(calib)["samples_per_s"]
-    return max(1, int(minutes * 60 * samples_per_s / batch)), samples_per_s
+    # The budget is wall time: what the calibration spent outside its 30 steps (start-up, data) is spent again.
+    fixed = max(0.0, wall - 30 * batch / samples_per_s)
+    return max(1, int((minutes * 60 - fixed) * samples_per_s / batch)), samples_per_s
 
 
 def pick_number(result: dict, keys: tuple[str, ...]) -> tuple[str | None, float | None]:
