@@ -161,9 +161,8 @@ class Trainer:
         self._raise_at = tuple(int(v) for v in fault.split(":")) if fault else None
         # AAEKIT_TEST_SIGNAL_AT="SIGNAL:STEP" (e.g. "SIGINT:26"): the process sends itself that real signal as that
         # step begins, so kill and Ctrl-C tests do not race a run that may finish before a watcher reacts.
-        signal_at = os.environ.get("AAEKIT_TEST_SIGNAL_AT", "")
-        self._signal_at = ((getattr(signal, signal_at.split(":")[0]), int(signal_at.split(":")[1]))
-                           if signal_at else None)
+        signal_name, _, signal_step = os.environ.get("AAEKIT_TEST_SIGNAL_AT", "").partition(":")
+        self._signal_at = (getattr(signal, signal_name), int(signal_step)) if signal_name else None
 
     # ------------------------------------------------------------------------------------------------
     def prepare(self, checkpoint: ckpt.Checkpoint | None) -> None:

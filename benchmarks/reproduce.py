@@ -208,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     if opts.parallel > 1:
         budget += f", {opts.parallel} at a time"
     lock = threading.Lock()
+    machine = hardware()
 
     def write_report() -> dict:
         """Rewritten after every experiment, so an interrupted reproduction keeps what finished."""
         done = [rows[e.key] for e in chosen if e.key in rows]
-        report = {"benchmark": "reproduce", "quick": opts.quick, "budget": budget, "hardware": hardware(),
+        report = {"benchmark": "reproduce", "quick": opts.quick, "budget": budget, "hardware": machine,
                   "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "runs": str(out_root.relative_to(ROOT)), "experiments": done}
         opts.results.mkdir(parents=True, exist_ok=True)
