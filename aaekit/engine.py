@@ -241,6 +241,14 @@ class Trainer:
                 components = torch.where(disc_labels >= 0, disc_labels, components)
         return prior.sample(n, components, generator=self.noise, device=self.device)
 
+    def discriminate(self, name: str, discriminator, values: torch.Tensor, disc_labels: torch.Tensor) -> torch.Tensor:
+        """The discriminator's logits for code values (prior samples or codes); instance noise first, where set."""
+        std = self.recipe.codes[name]["discriminator"]["input_noise"]
+        if std > 0:  # blurs both sides alike, so exact prior samples (one-hots) cannot be told from codes by form alone
+            values = values + std * torch.randn(values.shape, generator=self.noise, device=values.device,
+                                                dtype=values.dtype)
+        return discriminator(self.model.discriminator_input(name, values, disc_labels)).float().flatten()
+
     def regularization_phase(self, x: torch.Tensor, disc_labels: torch.Tensor) -> dict:
         """For each code: a discriminator step; then one generator step for the encoder over all codes."""
         m, out = self.model, {}
@@ -248,9 +256,10 @@ class Trainer:
         for name, discriminator in self.discriminators.items():
             opt = self.opt_discriminators[name]
             opt.zero_grad(set_to_none=True)
-            real = m.discriminator_input(name, self.prior_samples(name, disc_labels), disc_labels)
-            fake = m.discriminator_input(name, codes[name].detach(), disc_labels)
-            logits = discriminator(torch.cat([real, fake])).float().flatten()  # one call for both sides
+            real, fake = self.prior_samples(name, disc_labels), codes[name].detach()
+            # one call for both sides
+            logits = self.discriminate(name, discriminator, torch.cat([real, fake.to(real.dtype)]),
+                                       torch.cat([disc_labels, disc_labels]))
             n = real.shape[0]
             target = torch.cat([torch.ones(n, device=self.device), torch.zeros(n, device=self.device)])
             loss = F.binary_cross_entropy_with_logits(logits, target)
@@ -266,7 +275,7 @@ class Trainer:
         with self.frozen_discriminators():
             for name in self.discriminators:
                 # The raw module: its weights are not updated here, so no gradient sync is needed for them.
-                logits = m.discriminators[name](m.discriminator_input(name, codes[name], disc_labels)).float()
+                logits = self.discriminate(name, m.discriminators[name], codes[name], disc_labels)
                 loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
                 out[f"loss/generator.{name}"] = loss.detach()
                 g_loss = g_loss + self.recipe.codes[name]["discriminator"]["weight"] * loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+import torch.nn.functional as F
 
 from aaekit.data import balanced_subset
 from conftest import aaekit, tiny_run_args
@@ -99,3 +100,26 @@ def test_supervised_run_writes_the_style_grid(tmp_path):
     # eval refuses a metric the model cannot give, with one clear line
     bad = aaekit("eval", str(run), "--metric", "classification", "--device", "cpu")
     assert bad.returncode == 2 and "no categorical code" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_discriminator_input_noise_blurs_prior_samples_and_codes_alike(tmp_path):
+    """codes.<c>.discriminator.input_noise: the discriminator sees prior one-hots and codes with noise of that std
+    in both of its steps; without it, the prior's rows are exact one-hots."""
+    def seen_by_y_discriminator(*overrides):
+        trainer = trainer_for("recipes/semisupervised_100.toml", tmp_path, *overrides)
+        seen = []
+        handle = trainer.model.discriminators["y"].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        trainer.regularization_phase(trainer.train_data.inputs(trainer.batches.take(20)), torch.full((20,), -1))
+        handle.remove()
+        return seen
+
+    exact = seen_by_y_discriminator()
+    assert len(exact) == 2  # discriminator step (prior rows, then code rows) and generator step (codes)
+    prior_rows = exact[0][:20]
+    assert torch.equal(prior_rows.max(dim=1).values, torch.ones(20)) and torch.equal(prior_rows.sum(dim=1), torch.ones(20))
+
+    noisy = seen_by_y_discriminator("codes.y.discriminator.input_noise=0.3")
+    prior_noise = noisy[0][:20] - F.one_hot(noisy[0][:20].argmax(dim=1), 10)
+    assert 0.2 < prior_noise.std().item() < 0.4
+    for seen in (noisy[0][20:], noisy[1]):  # codes: softmax outputs plus noise leave the simplex
+        assert (seen < 0).any() and not torch.allclose(seen.sum(dim=1), torch.ones(20), atol=1e-3)
