@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from aaekit import checkpoint as ckpt
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
@@ -48,6 +48,34 @@ def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: tor
     fused = device.type in ("cuda", "cpu")
     return cls(params, lr=settings["lr"], betas=tuple(settings["betas"][:2]), weight_decay=settings["weight_decay"],
                fused=fused, foreach=None if fused else True)
+
+
+def hot_path(optimizer, acc: Accelerator):
+    """The optimizer to call every step. Accelerate's wrapper probes the installed packages on each step()
+    (importlib, ~0.1 ms a call) and inspects zero_grad's signature on each zero_grad(); without a gradient
+    scaler (fp16), XLA or gradient accumulation it then only forwards to the optimizer it wraps, so that one is
+    called directly. Measured on the paper's MNIST setting: about 1 ms of a 25 ms bf16 step."""
+    direct = (getattr(optimizer, "scaler", None) is None and acc.distributed_type != DistributedType.XLA
+              and acc.gradient_accumulation_steps == 1)
+    return optimizer.optimizer if direct and hasattr(optimizer, "optimizer") else optimizer
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks back to the kernel. By default blocks over 128 KiB are mapped
+    on allocation and unmapped on free, so every step's activations and bf16 weight copies come back as fresh
+    pages: ~1,100 page faults per bf16 step on the paper's MNIST setting (~6 % of its time on a CPU). With
+    these thresholds blocks up to 32 MiB are reused within the process. Returns whether it applied (glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def refuse_lonely_process(num_processes: int) -> None:
@@ -98,6 +126,8 @@ class Trainer:
                             f"{acc.num_processes} processes; use a multiple of {acc.num_processes}")
         self.local_batch = batch // acc.num_processes
         self.device = acc.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
 
         # ---- data: held on the device, split and labelled reproducibly from the run seed ----
         torch.manual_seed(self.seed)
@@ -183,7 +213,7 @@ class Trainer:
         rest = prepared[2 + len(disc_names):]
         self.heads = {k: h for k, h in m.heads.items()}
         self.heads.update(dict(zip(head_names, rest[:len(head_names)])))
-        self.optimizers = dict(zip(opt_names, rest[len(head_names):]))
+        self.optimizers = {name: hot_path(opt, acc) for name, opt in zip(opt_names, rest[len(head_names):])}
         self.opt_reconstruction = self.optimizers["reconstruction"]
         self.opt_generator = self.optimizers["generator"]
         self.opt_discriminators = {c: self.optimizers[f"discriminator.{c}"] for c in disc_names}
