@@ -403,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                     "decoder": [8, cfg["hidden"], cfg["hidden"], 784],
                     "discriminator": [8, cfg["hidden"], cfg["hidden"], 1], "batch": batch,
                     "optimizer": "adam", "rounds": cfg["rounds"], "steps_per_round": cfg["steps"],
-                    "warmup_steps": cfg["warmup"], "statistic": "median over alternating rounds"},
+                    "warmup_steps": cfg["warmup"], "statistic": "median over alternating rounds",
+                    # mallopt is process-wide: the plain loop, timed in the same process, gains from the
+                    # engine's allocator setting too, so the speed-ups are conservative
+                    "plain_loop_allocator": "glibc thresholds set by aaekit's Trainer (same process)"},
         "results": results, "speedups": speedups, "bf16_loss_curve": curve,
     }
     if not opts.no_cli:
