@@ -44,6 +44,18 @@ def two_code_recipe(path: Path, **tables: dict) -> Path:
     return path
 
 
+def prepared_trainer(recipe, run_dir, overrides: list[str]):
+    """A Trainer built from a recipe file with overrides and prepared from scratch, as `aaekit run` builds it."""
+    from aaekit.engine import Trainer
+    from aaekit.plugins import get_registry
+    from aaekit.recipe import load_recipe
+
+    registry = get_registry()
+    trainer = Trainer(load_recipe(recipe, overrides, registry), run_dir, registry)
+    trainer.prepare(None)
+    return trainer
+
+
 def tiny_code_overrides(recipe_values: dict) -> list[str]:
     return [f"codes.{c}.discriminator.hidden=[16]" for c in recipe_values.get("codes", {})]
 

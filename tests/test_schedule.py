@@ -11,21 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, prepared_trainer
 
 SMALL = ["data.limit=300", "train.batch_size=20", "encoder.hidden=[24,24]", "decoder.hidden=[24,24]",
          "codes.z.discriminator.hidden=[16,16]", "train.pictures=false"]
 
 
 def gaussian_trainer(tmp_path, *overrides):
-    from aaekit.engine import Trainer
-    from aaekit.plugins import get_registry
-    from aaekit.recipe import load_recipe
-
-    registry = get_registry()
-    trainer = Trainer(load_recipe("recipes/gaussian.toml", [*SMALL, *overrides], registry), tmp_path, registry)
-    trainer.prepare(None)
-    return trainer
+    return prepared_trainer("recipes/gaussian.toml", tmp_path, [*SMALL, *overrides])
 
 
 def adam(params, settings):
@@ -38,7 +31,7 @@ class ReferenceStep:
 
     def __init__(self, trainer):
         m, optim = trainer.model, trainer.recipe.values["optim"]
-        self.model, self.trainer = m, trainer
+        self.model = m
         self.encoder, self.decoder = copy.deepcopy(m.encoder), copy.deepcopy(m.decoder)
         self.discriminator = copy.deepcopy(m.discriminators["z"])
         self.opt_r = adam([*self.encoder.parameters(), *self.decoder.parameters()], optim["reconstruction"])

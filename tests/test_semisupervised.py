@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from aaekit.data import balanced_subset
-from conftest import aaekit, tiny_run_args
+from conftest import aaekit, prepared_trainer, tiny_run_args
 
 SMALL = ["data.limit=400", "train.batch_size=20", "encoder.hidden=[32]", "decoder.hidden=[32]",
          "codes.y.discriminator.hidden=[16]", "codes.z.discriminator.hidden=[16]", "data.labelled=40",
@@ -16,14 +16,7 @@ SMALL = ["data.limit=400", "train.batch_size=20", "encoder.hidden=[32]", "decode
 
 
 def trainer_for(recipe: str, tmp_path, *overrides):
-    from aaekit.engine import Trainer
-    from aaekit.plugins import get_registry
-    from aaekit.recipe import load_recipe
-
-    registry = get_registry()
-    trainer = Trainer(load_recipe(recipe, [*SMALL, *overrides], registry), tmp_path, registry)
-    trainer.prepare(None)
-    return trainer
+    return prepared_trainer(recipe, tmp_path, [*SMALL, *overrides])
 
 
 def snapshot(module) -> dict:
