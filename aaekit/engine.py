@@ -169,8 +169,10 @@ class Trainer:
             optim["reconstruction"],
             [*m.encoder.parameters(), *m.decoder.parameters(), *(p for h in trainable_heads.values() for p in h.parameters())],
             self.device)
-        self.opt_discriminators = {c: make_optimizer(optim["discriminator"], list(d.parameters()), self.device)
-                                   for c, d in m.discriminators.items()}
+        self.opt_discriminators = {
+            c: make_optimizer({**optim["discriminator"], "lr": self.base_lr(f"discriminator.{c}")},
+                              list(d.parameters()), self.device)
+            for c, d in m.discriminators.items()}
         self.opt_generator = make_optimizer(optim["generator"], list(m.encoder.parameters()), self.device)
         self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
         self.opt_classification = (
@@ -434,11 +436,15 @@ class Trainer:
 
     def set_epoch_lr(self, epoch: int) -> None:
         scale = lr_scale(epoch, self.train_cfg["lr_milestones"], self.train_cfg["lr_gamma"])
-        phase_of = lambda name: name.split(".")[0]  # noqa: E731
         for name, opt in self.optimizers.items():
-            base = self.recipe.values["optim"][phase_of(name)]["lr"]
             for group in opt.param_groups:
-                group["lr"] = base * scale
+                group["lr"] = self.base_lr(name) * scale
+
+    def base_lr(self, optimizer_name: str) -> float:
+        """The recipe's rate for an optimizer ("generator", "discriminator.y", ...), with the code's lr_scale."""
+        phase, _, code = optimizer_name.partition(".")
+        lr = self.recipe.values["optim"][phase]["lr"]
+        return lr * self.recipe.codes[code]["discriminator"]["lr_scale"] if code else lr
 
     # ------------------------------------------------------------------------------------------------
     def log(self, sums: dict, steps: int, elapsed: float, step: int, epoch: int, epoch_done: bool) -> dict:

@@ -52,6 +52,8 @@ CORE: dict[str, dict[str, Param]] = {
         "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1),
         "label_conditioned": Param(bool, False, help="discriminator also sees the one-hot label (§2.3)"),
         "weight": Param(float, 1.0, min=0, help="weight of this code's generator loss"),
+        "lr_scale": Param(float, 1.0, min=0, help="this discriminator's learning rate as a multiple of "
+                          "optim.discriminator.lr (one code's game can be slowed without the others)"),
         "input_noise": Param(float, 0.0, min=0, help="std of Gaussian noise added to everything the discriminator "
                              "sees, prior samples and codes alike (keeps it from winning on exact one-hots)"),
     },

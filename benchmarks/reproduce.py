@@ -3,6 +3,7 @@ evaluated with `aaekit eval`, as a user would run them.
 
     .venv/bin/python benchmarks/reproduce.py --minutes 30     # every experiment that has a recipe
     .venv/bin/python benchmarks/reproduce.py --minutes 1 --only likelihood
+    .venv/bin/python benchmarks/reproduce.py --minutes 15 --set run.mixed_precision=bf16
     .venv/bin/python benchmarks/reproduce.py --quick          # tiny nets, a few steps: checks the pipeline
 
 The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
@@ -140,7 +141,7 @@ def run_experiment(exp: Experiment, opts, out_root: Path) -> dict:
         return {**row, "status": "skipped", "reason": f"recipes/{exp.recipe} does not exist yet"}
     metric = exp.metric
     work = out_root / exp.key
-    overrides = [*exp.overrides]
+    overrides = [*exp.overrides, *opts.overrides]
     if opts.quick:
         overrides += QUICK_OVERRIDES + tiny_code_overrides(recipe) + ["train.max_steps=6", "train.log_every=3"]
         steps, calibrated = 6, None
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny nets and a few steps: checks the pipeline")
     parser.add_argument("--parallel", type=int, default=1,
                         help="experiments trained at the same time (e.g. 8 on one large GPU)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every experiment, e.g. run.mixed_precision=bf16 (repeatable)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     opts = parser.parse_args(argv)
     if opts.minutes <= 0:
@@ -203,10 +206,22 @@ def main(argv: list[str] | None = None) -> int:
         n += 1
         out_root = ROOT / "runs" / "reproduce" / f"{stamp}-{n}"
     chosen = [e for e in EXPERIMENTS if not opts.only or e.key in opts.only]
+    if opts.overrides:  # a mistyped --set fails here, before any training, with the recipe's own message
+        from aaekit.errors import UserError
+        from aaekit.recipe import load_recipe
+
+        for exp in chosen:
+            if (ROOT / "recipes" / exp.recipe).exists():
+                try:
+                    load_recipe(ROOT / "recipes" / exp.recipe, [*exp.overrides, *opts.overrides])
+                except UserError as exc:
+                    parser.error(f"--set: {exc}")
     rows: dict[str, dict] = {}
     budget = "quick (tiny nets, 6 steps)" if opts.quick else f"{opts.minutes:g} min of training per experiment"
     if opts.parallel > 1:
         budget += f", {opts.parallel} at a time"
+    if opts.overrides:
+        budget += f", with {' '.join(opts.overrides)}"
     lock = threading.Lock()
     machine = hardware()
 

@@ -65,6 +65,24 @@ def test_both_discriminators_train_every_step(tmp_path):
         assert "loss/classification" in metrics
 
 
+def test_a_codes_discriminator_lr_scale_applies_to_that_discriminator_only(tmp_path):
+    trainer = trainer_for("recipes/semisupervised_100.toml", tmp_path, "codes.y.discriminator.lr_scale=0",
+                          "codes.z.discriminator.lr_scale=0.5", "train.lr_milestones=[1]", "train.lr_gamma=0.1")
+    base = trainer.recipe.values["optim"]["discriminator"]["lr"]
+    rates = lambda: {c: o.param_groups[0]["lr"] for c, o in trainer.opt_discriminators.items()}  # noqa: E731
+    assert rates() == {"y": 0.0, "z": base * 0.5}
+    trainer.set_epoch_lr(1)
+    assert rates() == {"y": 0.0, "z": base * 0.5 * 0.1}
+    assert trainer.opt_generator.param_groups[0]["lr"] == trainer.recipe.values["optim"]["generator"]["lr"] * 0.1
+    trainer.set_epoch_lr(0)
+    before = snapshot(trainer.model)
+    trainer.train_step(trainer.batches.take(20))
+    after = snapshot(trainer.model)
+    moved = lambda code: any(not torch.equal(before[k], after[k])  # noqa: E731
+                             for k in before if k.startswith(f"discriminators.{code}."))
+    assert not moved("y") and moved("z")
+
+
 def test_short_run_classifies_well_above_chance(tmp_path):
     run = tmp_path / "semi"
     args = ["run", "recipes/semisupervised_1000.toml", "data.limit=2000", "data.labelled=300", "data.validation=500",
