@@ -158,9 +158,11 @@ EVAL_METRICS = ("parzen", "classification", "clustering")
 
 @cli.command(name="eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--metric", type=click.Choice(EVAL_METRICS), default="parzen", show_default=True,
+@click.option("--metric", type=click.Choice(("auto", *EVAL_METRICS)), default="auto", show_default=True,
               help="parzen: Parzen-window log-likelihood of the test set (§3), sigma chosen on validation data; "
-                   "classification: test error of argmax q(y|x) (§5); clustering: test clustering errors (§6).")
+                   "classification: test error of argmax q(y|x) (§5); clustering: test clustering errors (§6). "
+                   "auto: classification for a model with a classification head, clustering for one with a "
+                   "categorical code and no labels, else parzen.")
 @click.option("-n", "--num-samples", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="parzen: decoder samples that make the Parzen window.")
 @click.option("--sigmas", default=None, help="parzen: comma-separated sigma grid (default: 20 values, 0.05 to 1).")
@@ -181,6 +183,11 @@ def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, 
     if output and Path(output).exists():
         raise UserError(f"--output {output}: already exists; choose another file (nothing was overwritten)")
     run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs))
+    if metric == "auto":
+        from aaekit.label_metrics import default_metric
+
+        metric = default_metric(run)
+        click.echo(f"metric: {metric} (chosen from the run's recipe; --metric picks another)", err=True)
     if metric == "parzen":
         from aaekit.parzen import DEFAULT_SIGMAS, evaluate_run
 

@@ -30,6 +30,16 @@ def _categorical_code(run, want_classes: bool) -> str:
                     "(e.g. [codes.y] kind = \"categorical\")")
 
 
+def default_metric(run) -> str:
+    """What `aaekit eval` reports when no --metric is given: the model's own measure of success."""
+    model = run.model
+    if any(head.has_classification_loss for head in model.heads.values()):
+        return "classification"  # §5, and §7 with labels
+    if any(spec.kind == "categorical" for spec in model.codes):
+        return "clustering"  # §6, and §7 without labels
+    return "parzen"  # §3: a generative model of the data
+
+
 def evaluate_classification(run, test_limit: int = 0) -> tuple[dict, str]:
     """§5: error of argmax q(y|x) against the test labels. Returns (JSON-able result, one-line summary)."""
     name = _categorical_code(run, want_classes=True)

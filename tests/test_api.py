@@ -130,11 +130,12 @@ def test_sample_writes_png_of_the_right_size_and_never_overwrites(cli_run, tmp_p
 
 def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):
     out = tmp_path / "parzen.json"
-    result = run_cli("eval", str(cli_run), "--metric", "parzen", "-n", "500", "--test-limit", "200",
+    # no --metric: a model with one continuous code is scored by its likelihood
+    result = run_cli("eval", str(cli_run), "-n", "500", "--test-limit", "200",
                      "--sigmas", "0.1,0.2,0.4,0.8,1.6", "--output", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report == json.loads(out.read_text())
+    assert report == json.loads(out.read_text()) and report["metric"] == "parzen"
     assert report["num_samples"] == 500 and report["num_test"] == 200 and report["unit"] == "nats"
     assert report["sigma"] in report["sigma_grid"]
     best = max(range(5), key=report["validation_log_likelihood"].__getitem__)

@@ -92,9 +92,10 @@ def test_short_clustering_run_beats_a_random_assignment(tmp_path):
     run = tmp_path / "run"
     done = aaekit("run", str(recipe), "--output-dir", str(run))
     assert done.returncode == 0, done.stderr
-    result = aaekit("eval", str(run), "--metric", "clustering", "--device", "cpu")
+    result = aaekit("eval", str(run), "--device", "cpu")  # no labels, a categorical code: clustering by default
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
+    assert got["metric"] == "clustering"
     assert got["clusters"] == 4 and got["clusters_used_on_test"] >= 2
     # the same metrics for a random assignment of as many test points
     n = got["test_examples"]

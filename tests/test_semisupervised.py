@@ -93,8 +93,9 @@ def test_short_run_classifies_well_above_chance(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("validation/error.y" in l for l in lines)  # logged per epoch on the held-out split
-    result = aaekit("eval", str(run), "--metric", "classification", "--test-limit", "1000", "--device", "cpu")
+    result = aaekit("eval", str(run), "--test-limit", "1000", "--device", "cpu")  # the metric follows the recipe
     assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["metric"] == "classification" and "metric: classification" in result.stderr
     error = json.loads(result.stdout)["error"]
     assert error < 0.5, error  # chance is 0.9
     assert "test classification error" in result.stderr
