@@ -26,8 +26,10 @@ from aaekit.recipe import Recipe
 class LoadedRun:
     """A trained model in eval mode, with the recipe and registry it was built from."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, registry, model: AAE, device: torch.device):
+    def __init__(self, run_dir: Path, recipe: Recipe, registry, model: AAE, device: torch.device,
+                 weights_path: Path | None = None):
         self.run_dir = run_dir
+        self.weights_path = weights_path or run_dir / "model.safetensors"
         self.recipe = recipe
         self.registry = registry
         self.model = model
@@ -142,9 +144,12 @@ class LoadedRun:
         return cls(**dataset_params(data))
 
 
-def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_dirs=()) -> LoadedRun:
-    """Rebuild the trained model of ``run_dir`` (its ``recipe.toml`` and ``model.safetensors``)."""
-    from aaekit.checkpoint import load_tensors
+def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_dirs=(),
+         checkpoint: str | None = None) -> LoadedRun:
+    """Rebuild the trained model of ``run_dir`` (its ``recipe.toml`` and ``model.safetensors``). With
+    ``checkpoint`` ("latest", a step number or a folder name under ``checkpoints/``) the weights come from that
+    checkpoint instead: an unfinished or crashed run can be evaluated, or a run at several points of training."""
+    from aaekit.checkpoint import checkpoint_model, load_tensors
     from aaekit.plugins import get_registry
     from aaekit.recipe import load_recipe
 
@@ -155,9 +160,10 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
     weights_path = run_dir / "model.safetensors"
     if not recipe_path.is_file():
         raise UserError(f"{recipe_path}: missing; {run_dir} is not a run directory written by `aaekit run`")
-    if not weights_path.is_file():
+    if checkpoint is None and not weights_path.is_file():
         hint = ("the run has checkpoints but did not finish; finish it with `aaekit run <recipe> --resume "
-                f"--output-dir {run_dir}`" if (run_dir / "checkpoints").is_dir() else "was the run finished?")
+                f"--output-dir {run_dir}`, or evaluate its newest checkpoint with --checkpoint latest"
+                if (run_dir / "checkpoints").is_dir() else "was the run finished?")
         raise UserError(f"{weights_path}: missing; {hint}")
     registry = registry if registry is not None else get_registry(list(plugins_dirs))
     try:
@@ -169,7 +175,10 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
     data = recipe.values["data"]
     dataset_cls = registry.get("dataset", data["name"]).cls
     model = build_model(recipe, registry, tuple(dataset_cls.input_shape), dataset_cls.classes(data))
-    weights = load_tensors(weights_path, "model weights")
+    if checkpoint is None:
+        weights = load_tensors(weights_path, "model weights")
+    else:
+        weights_path, weights = checkpoint_model(run_dir / "checkpoints", str(checkpoint))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     wrong_shape = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
@@ -185,4 +194,4 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
     model.to(device).eval()
     if not all(math.isfinite(v) for v in (p.float().abs().max().item() for p in model.parameters())):
         raise UserError(f"{weights_path}: holds non-finite weights (NaN/inf); the run diverged; retrain it")
-    return LoadedRun(run_dir, recipe, registry, model, device)
+    return LoadedRun(run_dir, recipe, registry, model, device, weights_path)

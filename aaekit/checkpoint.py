@@ -146,8 +146,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    path = Path(path)
+def _verified_state(path: Path) -> dict:
+    """state.json of a checkpoint folder, after checking every file it names has its recorded size."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -156,8 +156,40 @@ def read_checkpoint(path: Path) -> Checkpoint:
         actual = (path / name).stat().st_size if (path / name).exists() else None
         if actual != size:
             raise UserError(f"{path}/{name}: expected {size} bytes, found {actual}; the file is truncated or missing")
+    return state
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    state = _verified_state(path)
     model, optimizers, rng = (load_tensors(path / name, "checkpoint") for name in FILES)
     return Checkpoint(path, state, model, optimizers, rng)
+
+
+def checkpoint_model(root: Path, which: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Model weights of one checkpoint under ``root``: ``which`` is "latest" (the newest that is intact), a step
+    number, or a folder name such as "step-00012000". Returns (weights file, tensors)."""
+    root = Path(root)
+    available = list_checkpoints(root)
+    if not available:
+        raise UserError(f"{root}: no checkpoints to load; the run wrote none (train.checkpoint_every) or they "
+                        "were removed")
+    if which == "latest":
+        problems = []
+        for path in available:
+            try:
+                _verified_state(path)
+                return path / "model.safetensors", load_tensors(path / "model.safetensors", "checkpoint")
+            except UserError as exc:
+                problems.append(str(exc))
+        raise UserError(f"no intact checkpoint in {root}:\n" + "\n".join(problems))
+    name = f"{PREFIX}{int(which):08d}" if which.isdigit() else which
+    path = root / name
+    if path not in available:
+        names = ", ".join(p.name for p in available)
+        raise UserError(f"{root}: no checkpoint {which!r}; available: {names} (or \"latest\")")
+    _verified_state(path)
+    return path / "model.safetensors", load_tensors(path / "model.safetensors", "checkpoint")
 
 
 def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:

@@ -152,6 +152,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+checkpoint_option = click.option(
+    "--checkpoint", default=None, metavar="latest|STEP",
+    help="Use the weights of a checkpoint under RUN_DIR/checkpoints ('latest', a step number or a folder name) "
+         "instead of the finished model: for an unfinished or crashed run, or a run at an earlier point.")
+
 # Metrics of `aaekit eval`: each takes the loaded run and the command's options and returns a JSON-able dict.
 EVAL_METRICS = ("parzen", "classification", "clustering")
 
@@ -173,8 +178,10 @@ EVAL_METRICS = ("parzen", "classification", "clustering")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON to this file (never overwrites an existing one).")
+@checkpoint_option
 @plugins_dir_option
-def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, seed, device, output, plugins_dirs):
+def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, seed, device, output, checkpoint,
+             plugins_dirs):
     """Evaluate the trained model in RUN_DIR; prints the result as JSON."""
     import json
 
@@ -182,7 +189,7 @@ def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, 
 
     if output and Path(output).exists():
         raise UserError(f"--output {output}: already exists; choose another file (nothing was overwritten)")
-    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs))
+    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs), checkpoint=checkpoint)
     if metric == "auto":
         from aaekit.label_metrics import default_metric
 
@@ -199,6 +206,8 @@ def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, 
         evaluate_labels = evaluate_classification if metric == "classification" else evaluate_clustering
         result, summary = evaluate_labels(run, test_limit=test_limit)
         click.echo(summary, err=True)
+    if checkpoint is not None:
+        result["weights"] = str(run.weights_path)
     text = json.dumps(result, indent=1)
     click.echo(text)
     if output:
@@ -220,8 +229,9 @@ def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, 
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@checkpoint_option
 @plugins_dir_option
-def sample(run_dir, num, labels, interpolate, steps, out, force, seed, device, plugins_dirs):
+def sample(run_dir, num, labels, interpolate, steps, out, force, seed, device, checkpoint, plugins_dirs):
     """Decode prior samples of the model in RUN_DIR into a PNG grid."""
     from aaekit.api import load
     from aaekit.sampling import write_interpolation, write_samples
@@ -229,7 +239,7 @@ def sample(run_dir, num, labels, interpolate, steps, out, force, seed, device, p
     out = Path(out) if out else Path(run_dir) / ("interpolation.png" if interpolate else "sampled.png")
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it or --out to write elsewhere")
-    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs))
+    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs), checkpoint=checkpoint)
     chosen = parse_labels(labels)
     if interpolate:
         rows, cols = write_interpolation(run, out, num or 10, steps, chosen, seed)

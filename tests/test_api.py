@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import aaekit
+from safetensors.torch import load_file
 from aaekit.errors import UserError
 from conftest import TINY, aaekit as run_cli, tiny_run_args, two_code_recipe
 
@@ -176,3 +177,35 @@ def test_log_with_tensorboard_logs_the_metrics_of_metrics_jsonl(tmp_path):
         logged = sorted((e.step, e.value) for e in scalars[key])
         assert [s for s, _ in logged] == [line["step"] for line in lines], key
         assert [v for _, v in logged] == pytest.approx([line[key] for line in lines], rel=1e-6), key
+
+
+def test_eval_and_load_from_a_checkpoint_of_an_unfinished_run(tmp_path):
+    run_dir = tmp_path / "semi"
+    done = run_cli(*tiny_run_args("recipes/semisupervised_100.toml", run_dir, "train.max_steps=6",
+                                  "train.checkpoint_every=2", "train.pictures=false", "data.validation=0",
+                                  "data.labelled=40"))
+    assert done.returncode == 0, done.stderr
+    final, early = aaekit.load(run_dir), aaekit.load(run_dir, checkpoint="2")
+    assert early.weights_path == run_dir / "checkpoints" / "step-00000002" / "model.safetensors"
+    w = "encoder.outputs.y.weight"
+    assert not torch.equal(final.model.state_dict()[w], early.model.state_dict()[w])
+    assert torch.equal(aaekit.load(run_dir, checkpoint="step-00000004").model.state_dict()[w],
+                       load_file(run_dir / "checkpoints" / "step-00000004" / "model.safetensors")[w])
+
+    result = run_cli("eval", str(run_dir), "--checkpoint", "2", "--test-limit", "200", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["weights"].endswith("step-00000002/model.safetensors")
+    wrong = run_cli("eval", str(run_dir), "--checkpoint", "7", "--device", "cpu")
+    assert wrong.returncode == 2 and "no checkpoint '7'" in wrong.stderr and "step-00000004" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+    # A crashed run: no final weights. The message points at --checkpoint; "latest" skips a truncated newest one.
+    (run_dir / "model.safetensors").unlink()
+    crashed = run_cli("eval", str(run_dir), "--device", "cpu")
+    assert crashed.returncode == 2 and "--checkpoint latest" in crashed.stderr
+    newest = max((run_dir / "checkpoints").iterdir())
+    older = sorted((run_dir / "checkpoints").iterdir())[-2]
+    (newest / "model.safetensors").write_bytes(b"\0" * 10)
+    assert aaekit.load(run_dir, checkpoint="latest").weights_path == older / "model.safetensors"
+    with pytest.raises(UserError, match="truncated"):
+        aaekit.load(run_dir, checkpoint=newest.name)
