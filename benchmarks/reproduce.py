@@ -64,6 +64,8 @@ EXPERIMENTS = [
                "~13.5 %", "clustering", CLUSTER_KEYS, "%"),
     Experiment("dimred2d_1000", "§7: 2-D dimensionality reduction, 1000 labels (error)", "dimred2d_1000.toml",
                "—", "classification", ERROR_KEYS, "%"),
+    Experiment("dimred2d_100", "§7: 2-D dimensionality reduction, 100 labels (error)", "dimred2d_100.toml",
+               "—", "classification", ERROR_KEYS, "%"),
 ]
 
 # --quick: tiny nets, a few steps, a cheap evaluation; checks the pipeline, not the numbers.
