@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from aaekit.errors import UserError
 
 PREFIX = "step-"
-KEEP = 3
+KEEP = 3  # checkpoints kept by default (train.keep_checkpoints)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,7 +110,8 @@ class Checkpoint:
 FILES = ("model.safetensors", "optimizers.safetensors", "rng.safetensors")
 
 
-def write_checkpoint(root: Path, step: int, model: dict, optimizers: dict, rng: dict, state: dict) -> Path:
+def write_checkpoint(root: Path, step: int, model: dict, optimizers: dict, rng: dict, state: dict,
+                     keep: int = KEEP) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -132,7 +133,7 @@ def write_checkpoint(root: Path, step: int, model: dict, optimizers: dict, rng: 
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    for stale in list_checkpoints(root)[KEEP:]:
+    for stale in list_checkpoints(root)[keep:]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 

@@ -34,8 +34,8 @@ from aaekit.model import AAE, build_model
 from aaekit.recipe import Recipe, dataset_params
 
 # Recipe keys that may change when a run is resumed: extending it, or checkpointing differently.
-RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every",
-                     "train.pictures", "train.imbalance_warning_steps"}
+RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.log_every", "train.pictures", "train.imbalance_warning_steps"}
 
 
 def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -533,7 +533,7 @@ class Trainer:
             state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "streams": info,
                      "optimizers": opt_meta, "scaler": scaler, "imbalance": self.imbalance}
             path = ckpt.write_checkpoint(self.run_dir / "checkpoints", step, self.model.state_dict(),
-                                         opt_tensors, rng, state)
+                                         opt_tensors, rng, state, keep=self.train_cfg["keep_checkpoints"])
             self._last_good = str(path)
         acc.wait_for_everyone()
 

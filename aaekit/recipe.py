@@ -70,6 +70,7 @@ CORE: dict[str, dict[str, Param]] = {
         "max_steps": Param(int, 0, min=0, help="stop after this many steps (0: no cap)"),
         "batch_size": Param(int, 100, min=1),
         "checkpoint_every": Param(int, 1000, min=0, help="steps between checkpoints (0: only at the end)"),
+        "keep_checkpoints": Param(int, 3, min=1, help="newest checkpoints kept on disk; older ones are removed"),
         "log_every": Param(int, 50, min=1, help="steps between metric lines"),
         "lr_milestones": Param(list, [], item=int, min=1, help="epochs at which every learning rate is scaled"),
         "lr_gamma": Param(float, 0.1, min=0),

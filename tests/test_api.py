@@ -182,19 +182,21 @@ def test_log_with_tensorboard_logs_the_metrics_of_metrics_jsonl(tmp_path):
 def test_eval_and_load_from_a_checkpoint_of_an_unfinished_run(tmp_path):
     run_dir = tmp_path / "semi"
     done = run_cli(*tiny_run_args("recipes/semisupervised_100.toml", run_dir, "train.max_steps=6",
-                                  "train.checkpoint_every=2", "train.pictures=false", "data.validation=0",
-                                  "data.labelled=40"))
+                                  "train.checkpoint_every=1", "train.keep_checkpoints=4", "train.pictures=false",
+                                  "data.validation=0", "data.labelled=40"))
     assert done.returncode == 0, done.stderr
-    final, early = aaekit.load(run_dir), aaekit.load(run_dir, checkpoint="2")
-    assert early.weights_path == run_dir / "checkpoints" / "step-00000002" / "model.safetensors"
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == [f"step-0000000{i}" for i in (3, 4, 5, 6)], kept  # the newest four (the last at the end)
+    final, early = aaekit.load(run_dir), aaekit.load(run_dir, checkpoint="3")
+    assert early.weights_path == run_dir / "checkpoints" / "step-00000003" / "model.safetensors"
     w = "encoder.outputs.y.weight"
     assert not torch.equal(final.model.state_dict()[w], early.model.state_dict()[w])
     assert torch.equal(aaekit.load(run_dir, checkpoint="step-00000004").model.state_dict()[w],
                        load_file(run_dir / "checkpoints" / "step-00000004" / "model.safetensors")[w])
 
-    result = run_cli("eval", str(run_dir), "--checkpoint", "2", "--test-limit", "200", "--device", "cpu")
+    result = run_cli("eval", str(run_dir), "--checkpoint", "3", "--test-limit", "200", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["weights"].endswith("step-00000002/model.safetensors")
+    assert json.loads(result.stdout)["weights"].endswith("step-00000003/model.safetensors")
     wrong = run_cli("eval", str(run_dir), "--checkpoint", "7", "--device", "cpu")
     assert wrong.returncode == 2 and "no checkpoint '7'" in wrong.stderr and "step-00000004" in wrong.stderr
     assert "Traceback" not in wrong.stderr
