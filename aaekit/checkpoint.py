@@ -167,6 +167,30 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, state, model, optimizers, rng)
 
 
+def _model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Only the model weights of a checkpoint folder, after the size check of all its files."""
+    _verified_state(path)
+    return load_tensors(path / "model.safetensors", "checkpoint")
+
+
+def _newest_intact(root: Path, read, warn) -> tuple[Path, object, bool] | None:
+    """The newest checkpoint under ``root`` that ``read`` loads: (folder, what read returned, whether newer
+    corrupt ones were skipped). Corrupt ones are reported through ``warn``; if every one is corrupt, one error
+    lists them all; None where there are none."""
+    problems = []
+    for path in list_checkpoints(root):
+        try:
+            loaded = read(path)
+        except UserError as exc:
+            problems.append(str(exc))
+            warn(f"warning: skipping corrupt checkpoint {path.name}: {exc}")
+            continue
+        return path, loaded, bool(problems)
+    if problems:
+        raise UserError("no usable checkpoint in " + str(root) + ":\n" + "\n".join(problems))
+    return None
+
+
 def checkpoint_model(root: Path, which: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """Model weights of one checkpoint under ``root``: ``which`` is "latest" (the newest that is intact), a step
     number, or a folder name such as "step-00012000". Returns (weights file, tensors)."""
@@ -176,36 +200,22 @@ def checkpoint_model(root: Path, which: str) -> tuple[Path, dict[str, torch.Tens
         raise UserError(f"{root}: no checkpoints to load; the run wrote none (train.checkpoint_every) or they "
                         "were removed")
     if which == "latest":
-        problems = []
-        for path in available:
-            try:
-                _verified_state(path)
-                return path / "model.safetensors", load_tensors(path / "model.safetensors", "checkpoint")
-            except UserError as exc:
-                problems.append(str(exc))
-        raise UserError(f"no intact checkpoint in {root}:\n" + "\n".join(problems))
+        path, weights, _ = _newest_intact(root, _model_weights, warn=lambda message: None)
+        return path / "model.safetensors", weights
     name = f"{PREFIX}{int(which):08d}" if which.isdigit() else which
     path = root / name
     if path not in available:
         names = ", ".join(p.name for p in available)
         raise UserError(f"{root}: no checkpoint {which!r}; available: {names} (or \"latest\")")
-    _verified_state(path)
-    return path / "model.safetensors", load_tensors(path / "model.safetensors", "checkpoint")
+    return path / "model.safetensors", _model_weights(path)
 
 
 def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:
     """The newest checkpoint that loads; corrupt ones are reported and skipped."""
-    problems = []
-    for path in list_checkpoints(root):
-        try:
-            checkpoint = read_checkpoint(path)
-        except UserError as exc:
-            problems.append(str(exc))
-            warn(f"warning: skipping corrupt checkpoint {path.name}: {exc}")
-            continue
-        if problems:
-            warn(f"resuming from the previous good checkpoint {path.name}")
-        return checkpoint
-    if problems:
-        raise UserError("no usable checkpoint in " + str(root) + ":\n" + "\n".join(problems))
-    return None
+    found = _newest_intact(root, read_checkpoint, warn)
+    if found is None:
+        return None
+    path, checkpoint, skipped = found
+    if skipped:
+        warn(f"resuming from the previous good checkpoint {path.name}")
+    return checkpoint
