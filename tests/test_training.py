@@ -74,3 +74,25 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
     out = aaekit(*tiny_run_args("recipes/gaussian.toml", tmp_path / "none"), "--resume")
     assert out.returncode == 2 and "no run to resume" in out.stderr and "Traceback" not in out.stderr
 
+
+
+def test_batch_normalised_encoder_saves_its_statistics_and_evaluates_per_example(tmp_path):
+    import torch
+
+    import aaekit as api
+
+    run_dir = tmp_path / "run"
+    out = aaekit(*tiny_run_args("recipes/posterior_deterministic.toml", run_dir, "encoder.batch_norm=true",
+                                "encoder.hidden=[32,32]", "train.pictures=false"))
+    assert out.returncode == 0, out.stderr
+    weights = load_file(str(run_dir / "model.safetensors"))
+    means = [k for k in weights if k.startswith("encoder.trunk.") and k.endswith("running_mean")]
+    assert len(means) == 2  # one per hidden layer
+    assert all(weights[k].abs().sum() > 0 for k in means)  # updated by training, not the zeros they start from
+
+    run = api.load(run_dir)
+    x = torch.rand(5, 784)
+    with torch.no_grad():
+        together = run.model.encoder(x)["z"]
+        alone = run.model.encoder(x[:1])["z"]  # running statistics, not the batch's: an example's code is its own
+    torch.testing.assert_close(alone[0], together[0])

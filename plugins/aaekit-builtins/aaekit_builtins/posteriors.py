@@ -11,12 +11,20 @@ from aaekit.nets import mlp
 from aaekit.params import Param
 
 
+TRUNK_PARAMS = {
+    "batch_norm": Param(bool, False, help="batch-normalise every hidden layer of the encoder before its ReLU"),
+}
+
+
 class MLPPosterior(Posterior):
     """An MLP trunk with one output layer per code; categorical codes are a softmax."""
 
-    def __init__(self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], extra_inputs: int = 0, **params):
+    def __init__(self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], extra_inputs: int = 0,
+                 batch_norm: bool = False, **params):
         super().__init__(input_dim=input_dim, codes=codes, hidden=hidden)
-        self.trunk = nn.Sequential(mlp([input_dim + extra_inputs, *hidden]), nn.ReLU())
+        last_norm = [nn.BatchNorm1d(hidden[-1])] if batch_norm else []
+        self.trunk = nn.Sequential(mlp([input_dim + extra_inputs, *hidden], batch_norm=batch_norm), *last_norm,
+                                   nn.ReLU())
         self.outputs = nn.ModuleDict(
             {c.name: nn.Linear(hidden[-1], self.output_size(c)) for c in codes}
         )
@@ -47,14 +55,15 @@ class DeterministicPosterior(MLPPosterior):
     """z = f(x)."""
 
     name = "deterministic"
-    params = {}
+    params = dict(TRUNK_PARAMS)
 
 
 class GaussianPosterior(MLPPosterior):
     """z ~ N(mu(x), sigma(x)^2), reparameterised; the mean when evaluating."""
 
     name = "gaussian"
-    params = {"min_logvar": Param(float, -10.0, help="lower clamp on log sigma^2, for stability")}
+    params = {**TRUNK_PARAMS,
+              "min_logvar": Param(float, -10.0, help="lower clamp on log sigma^2, for stability")}
 
     def __init__(self, *, min_logvar: float = -10.0, **kwargs):
         self.min_logvar = min_logvar
@@ -76,6 +85,7 @@ class UniversalPosterior(MLPPosterior):
 
     name = "universal"
     params = {
+        **TRUNK_PARAMS,
         "noise_dim": Param(int, 100, min=1, help="size of the noise input eta"),
         "noise": Param(str, "gaussian", choices=("gaussian", "uniform")),
         "noise_std": Param(float, 1.0, min=0),
