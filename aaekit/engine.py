@@ -496,10 +496,20 @@ class Trainer:
                     "[optim.discriminator] and [optim.generator] (or the discriminator's size).")
 
     @torch.no_grad()
+    def share_buffers(self) -> None:
+        """Give every rank rank 0's buffers (batch-norm running statistics). Each rank updates them from its own
+        slice of the batch, so without this the ranks would evaluate and save different models. (SyncBatchNorm
+        would keep them equal, but torch runs it on GPUs only.)"""
+        if self.accelerator.num_processes > 1:
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+    @torch.no_grad()
     def evaluate_epoch(self) -> dict:
         """Per-epoch metrics on the held-out validation split (if any), gathered over all ranks."""
         if self.validation_data is None:
             return {}
+        self.share_buffers()
         from aaekit.evaluate import evaluate_split
 
         return {f"validation/{k}": v for k, v in
@@ -524,6 +534,7 @@ class Trainer:
 
     def save_checkpoint(self, step: int, epoch: int) -> None:
         acc = self.accelerator
+        self.share_buffers()  # collective, like rng_tensors: the final save and finish() see the same model
         rng, info = self.rng_tensors()  # collective: every rank takes part
         if acc.is_main_process:
             opt_tensors: dict[str, torch.Tensor] = {}

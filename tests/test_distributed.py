@@ -22,12 +22,13 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny nets: threads only contend on a sh
 
 
 def write_recipe(tmp_path: Path, steps: int, validation: int = 0, encoder: str = "universal",
-                 heads: dict | None = None) -> Path:
+                 heads: dict | None = None, batch_norm: bool = False) -> Path:
     """Two codes, a universal posterior (eta noise), input noise and a partially labelled classifier head:
     every random stream of the engine is in use (batch order, labelled stream, prior samples, eta noise)."""
     return two_code_recipe(
         tmp_path / "semi.toml", data={"limit": 400, "labelled": 60, "validation": validation},
-        encoder={"name": encoder, "hidden": [16], "input_noise": 0.3, **({"noise_dim": 4} if encoder == "universal" else {})},
+        encoder={"name": encoder, "hidden": [16], "input_noise": 0.3, "batch_norm": batch_norm,
+                 **({"noise_dim": 4} if encoder == "universal" else {})},
         train={"batch_size": 20, "max_steps": steps, "log_every": 4, "checkpoint_every": 4}, heads=heads or {})
 
 
@@ -64,14 +65,15 @@ def assert_written_once(run_dir: Path, steps: int, log_every: int) -> None:
 # ---- multi-process data parallel ------------------------------------------------------------------
 
 def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path):
-    """Two codes, the classifier head (find_unused_parameters, classification phase on the labelled stream) and
-    the cluster-heads head (§7)."""
+    """Two codes, the classifier head (find_unused_parameters, classification phase on the labelled stream), the
+    cluster-heads head (§7) and a batch-normalised encoder (each rank updates the running statistics from its own
+    slice: they must still end identical, and validation must use the same ones on both ranks)."""
     steps = 102  # 6 epochs of 17 steps: the last log line is an epoch end, with validation metrics
     # 41 items: uneven shards (21 + 20) to gather. A deterministic posterior here: the universal one draws eta
     # per shard during evaluation, so its validation numbers depend on how the split is sharded (see README).
     # The §7 cluster heads too: a head with weights of its own (W_c must stay identical as well).
     recipe = write_recipe(tmp_path, steps, validation=41, encoder="deterministic",
-                          heads={"dimred": {"name": "cluster_heads", "code_y": "y", "code_z": "z"}})
+                          heads={"dimred": {"name": "cluster_heads", "code_y": "y", "code_z": "z"}}, batch_norm=True)
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     result = launch_two_ranks("run", str(recipe), "train.log_every=17", "--output-dir", str(run_dir),
                               env={"AAEKIT_DUMP_RANKS": str(dump)})
@@ -80,6 +82,7 @@ def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path
     keys = assert_ranks_identical(dump)
     dumped = load_file(str(dump / "rank0.safetensors"))
     assert any(k.startswith("discriminators.y.") for k in dumped) and any(k.startswith("heads.dimred.") for k in dumped)
+    assert any(k.endswith("running_mean") for k in dumped)
     assert keys == len(load_file(str(run_dir / "model.safetensors")))
     assert_written_once(run_dir, steps, 17)
 
