@@ -7,7 +7,9 @@ its rounds. Run it from the repository root:
     .venv/bin/python benchmarks/throughput.py            # the paper's likelihood setting (minutes)
     .venv/bin/python benchmarks/throughput.py --quick    # tiny nets and budget: checks that it works (seconds)
 
-It prints a table and writes benchmarks/results/throughput.json (figures, versions, threads, CPU).
+It prints a table and writes benchmarks/results/throughput.json (figures, versions, threads, CPU, GPU).
+On a machine with a GPU every contender runs on it (the engine where Accelerate puts it, the plain loop and
+the replayed matmuls beside it), timed with the GPU synchronised, and fp16 is timed beside bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+# Where Accelerate puts the engine; the plain loop and the matmul replays run there too.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    """GPU work is asynchronous: timing stops only once everything queued has run."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 # The paper's likelihood setting (recipes/gaussian.toml); --quick shrinks the nets so a smoke test takes seconds.
 FULL = {"hidden": 1000, "batch": 100, "limit": 0, "warmup": 5, "rounds": 7, "steps": 20,
@@ -121,9 +132,9 @@ class PlainLoop:
 
     def __init__(self, images: torch.Tensor, hidden: int, batch: int, seed: int = 0):
         torch.manual_seed(seed)
-        self.encoder = mlp([784, hidden, hidden, 8])
-        self.decoder = mlp([8, hidden, hidden, 784])
-        self.discriminator = mlp([8, hidden, hidden, 1])
+        self.encoder = mlp([784, hidden, hidden, 8]).to(DEVICE)
+        self.decoder = mlp([8, hidden, hidden, 784]).to(DEVICE)
+        self.discriminator = mlp([8, hidden, hidden, 1]).to(DEVICE)
         self.opt_ae = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=1e-3)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_g = torch.optim.Adam(self.encoder.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -134,10 +145,10 @@ class PlainLoop:
 
     def next_batch(self) -> torch.Tensor:
         try:
-            return next(self.batches)[0]
+            return next(self.batches)[0].to(DEVICE)
         except StopIteration:
             self.batches = iter(self.loader)
-            return next(self.batches)[0]
+            return next(self.batches)[0].to(DEVICE)
 
     def __call__(self) -> None:
         x = self.next_batch()
@@ -149,7 +160,7 @@ class PlainLoop:
         self.opt_ae.step()
         # discriminator
         self.opt_d.zero_grad()
-        z_real = 5.0 * torch.randn(x.shape[0], 8)
+        z_real = 5.0 * torch.randn(x.shape[0], 8, device=DEVICE)
         z_fake = self.encoder(x).detach()
         d_real, d_fake = self.discriminator(z_real), self.discriminator(z_fake)
         d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
@@ -204,7 +215,7 @@ class MatmulReplay:
             args = []
             for a in spec:
                 if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype):
-                    t = torch.empty_strided(a[0], a[1], dtype=a[2])
+                    t = torch.empty_strided(a[0], a[1], dtype=a[2], device=DEVICE)
                     t.normal_()
                     args.append(t)
                 else:
@@ -233,9 +244,11 @@ def alternate(contenders: dict, cfg: dict) -> dict[str, list[float]]:
     for r in range(cfg["rounds"]):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            synchronize()
             start = time.perf_counter()
             for _ in range(cfg["steps"]):
                 contenders[n]()
+            synchronize()
             per_call[n].append((time.perf_counter() - start) / cfg["steps"])
     return per_call
 
@@ -300,9 +313,11 @@ def epoch_scaling(cfg: dict, work: Path) -> list[dict]:
         for _ in range(cfg["warmup"]):
             step()
         trainer.batches.start_pass()
+        synchronize()
         start = time.perf_counter()
         for _ in range(trainer.steps_per_epoch):
             step()
+        synchronize()
         seconds = time.perf_counter() - start
         out.append({"train_size": size, "steps": trainer.steps_per_epoch, "epoch_s": seconds,
                     "us_per_sample": 1e6 * seconds / (trainer.steps_per_epoch * cfg["batch"])})
@@ -322,7 +337,8 @@ def machine_info() -> dict:
     import accelerate
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None
+    return {"device": DEVICE.type, "gpu": gpu, "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "load_average_at_start": load,
             "bf16_matmul_units": "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None}
@@ -349,8 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="aaekit-bench-"))
 
     fp32 = make_trainer(recipe_overrides(cfg), work / "fp32")
-    bf16 = make_trainer(recipe_overrides(cfg, "run.mixed_precision=bf16"), work / "bf16")
-    contenders = {"aaekit_fp32": EngineSteps(fp32), "aaekit_bf16": EngineSteps(bf16)}
+    contenders = {"aaekit_fp32": EngineSteps(fp32)}
+    # fp16 needs a GPU (Accelerate's gradient scaler); bf16 runs on both.
+    for precision in ("bf16", "fp16") if DEVICE.type == "cuda" else ("bf16",):
+        trainer = make_trainer(recipe_overrides(cfg, f"run.mixed_precision={precision}"), work / precision)
+        contenders[f"aaekit_{precision}"] = EngineSteps(trainer)
     contenders["plain_fp32"] = PlainLoop(fp32.dataset.load("train").x, cfg["hidden"], cfg["batch"])
 
     # FLOPs and matmuls of one step of each; the ceilings replay those matmuls alone.
@@ -358,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = {n: sorted({str(a[2]).removeprefix("torch.") for _, spec, _ in calls for a in spec
                          if isinstance(a, tuple) and len(a) == 3}) for n, (calls, _) in profiles.items()}
     assert dtypes["aaekit_fp32"] == ["float32"] and "bfloat16" in dtypes["aaekit_bf16"], dtypes
+    assert "aaekit_fp16" not in dtypes or "float16" in dtypes["aaekit_fp16"], dtypes
     replays = {f"ceiling_{n}": MatmulReplay(calls) for n, (calls, _) in profiles.items()}
     timed = alternate({**contenders, **replays}, cfg)
 
@@ -375,14 +395,14 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_dtypes": dtypes[n], "fraction_of_ceiling": flops / sec / 1e9 / ceiling_gflops,
         }
     plain = results["plain_fp32"]["samples_per_s"]
-    speedups = {"aaekit_fp32_vs_plain_fp32": results["aaekit_fp32"]["samples_per_s"] / plain,
-                "aaekit_bf16_vs_plain_fp32": results["aaekit_bf16"]["samples_per_s"] / plain}
-    # The same comparison per round (both timed within the same round, so under the same load).
-    speedups["aaekit_fp32_vs_plain_fp32_per_round"] = [p / a for a, p in zip(timed["aaekit_fp32"], timed["plain_fp32"])]
-    speedups["aaekit_bf16_vs_plain_fp32_per_round"] = [p / a for a, p in zip(timed["aaekit_bf16"], timed["plain_fp32"])]
+    speedups = {}
+    for n in (n for n in contenders if n.startswith("aaekit_")):
+        speedups[f"{n}_vs_plain_fp32"] = results[n]["samples_per_s"] / plain
+        # The same comparison per round (both timed within the same round, so under the same load).
+        speedups[f"{n}_vs_plain_fp32_per_round"] = [p / a for a, p in zip(timed[n], timed["plain_fp32"])]
 
     # A short loss curve, bf16 against fp32, from the same seed and the same batches.
-    del fp32, bf16, contenders
+    del fp32, trainer, contenders
     curves = {}
     for name, extra in (("fp32", []), ("bf16", ["run.mixed_precision=bf16"])):
         trainer = make_trainer(recipe_overrides(cfg, *extra), work / f"curve-{name}")
@@ -426,14 +446,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(report: dict) -> None:
     m = report["machine"]
-    print(f"\n{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; load {m['load_average_at_start']}")
+    gpu = f"{m['gpu']} (GPU); " if m.get("gpu") else ""
+    print(f"\n{gpu}{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; load {m['load_average_at_start']}")
     print(f"{'contender':<14}{'samples/s':>11}{'step ms':>9}{'GFLOP/s':>9}{'ceiling':>9}{'of ceiling':>11}")
     for n, r in report["results"].items():
         print(f"{n:<14}{r['samples_per_s']:>11.0f}{r['step_ms']:>9.1f}{r['gflops']:>9.1f}"
               f"{r['ceiling_gflops']:>9.1f}{100 * r['fraction_of_ceiling']:>10.0f}%")
-    s = report["speedups"]
-    print(f"aaekit fp32 / plain fp32: {s['aaekit_fp32_vs_plain_fp32']:.2f}x   "
-          f"aaekit bf16 / plain fp32: {s['aaekit_bf16_vs_plain_fp32']:.2f}x")
+    print("   ".join(f"{k.removesuffix('_vs_plain_fp32').replace('_', ' ')} / plain fp32: {v:.2f}x"
+                       for k, v in report["speedups"].items() if not k.endswith("_per_round")))
     c = report["bf16_loss_curve"]
     print(f"reconstruction loss after {c['steps']} steps: fp32 {c['fp32'][-1]:.4f}, bf16 {c['bf16'][-1]:.4f} "
           f"({100 * c['final_relative_difference']:.1f}% apart)")

@@ -1,11 +1,12 @@
-"""MNIST from local idx .gz files (or the Hugging Face hub), converted once to an Arrow dataset
-(``save_to_disk``) in the cache and held by the engine as one uint8 tensor."""
+"""MNIST from local idx .gz files (or the Hugging Face hub), converted once to an Arrow file in the cache (the
+layout of ``datasets``' ``save_to_disk``) and held by the engine as one uint8 tensor."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -66,12 +67,21 @@ def find_local(path: str) -> Path | None:
 
 
 def to_arrow(images: np.ndarray, labels: np.ndarray):
-    import datasets
+    """One Arrow table: the pixels of each image as a fixed-size list, and its label."""
     import pyarrow as pa
 
     pixels = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images[0].size)
-    table = pa.table({"image": pixels, "label": pa.array(labels.astype(np.int64))})
-    return datasets.Dataset(table)
+    return pa.table({"image": pixels, "label": pa.array(labels.astype(np.int64))})
+
+
+def write_saved(table, folder: Path) -> None:
+    """The table as one Arrow IPC stream in ``folder``, the file layout ``save_to_disk`` writes, with pyarrow
+    alone: local files then never need ``datasets`` (which only the hub path imports)."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    with pa.ipc.new_stream(str(folder / "data-00000-of-00001.arrow"), table.schema) as writer:
+        writer.write_table(table)
 
 
 def read_saved(folder: Path):
@@ -140,14 +150,14 @@ class MNIST(Dataset):
                                 f"{FILES[split][1]} has {labels.shape[0]} labels")
         else:
             images, labels = self._from_hub(split)
-        ds = to_arrow(images, labels)
+        table = to_arrow(images, labels)
         tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
         try:
-            ds.save_to_disk(str(tmp))
+            write_saved(table, tmp)
             os.replace(tmp, cached)
-        except OSError:
-            pass  # a read-only cache only costs the conversion next time
-        return from_arrow(ds.data.table, self.input_shape)
+        except OSError:  # a read-only cache only costs the conversion next time
+            shutil.rmtree(tmp, ignore_errors=True)
+        return from_arrow(table, self.input_shape)
 
     def _from_hub(self, split: str):
         import datasets
