@@ -167,20 +167,22 @@ def run_experiment(exp: Experiment, opts, out_root: Path) -> dict:
     if number is not None and exp.unit == "%":
         number *= 100  # eval reports error as a fraction
     record = last_record(work / "run")
+    # The budget caps the steps; a recipe whose epochs end sooner stops there, as shipped.
     return {**row, "status": "ok", "metric": metric, "aaekit": number, "result_key": key,
-            "standard_error": result.get("standard_error"), "steps": steps, "epochs": record.get("epoch"),
+            "standard_error": result.get("standard_error"), "steps": record.get("step", steps), "step_cap": steps,
+            "epochs": record.get("epoch"),
             "calibrated_samples_per_s": calibrated, "train_s": round(seconds, 1), "eval_s": round(eval_seconds, 1),
             "run_dir": str((work / "run").relative_to(ROOT)), "overrides": overrides, "eval": result}
 
 
 def markdown(report: dict) -> str:
     lines = [f"Budget: {report['budget']}; hardware: {report['hardware']}; {report['finished']}.", "",
-             "| experiment | paper | aaekit | train time | steps | hardware |", "|---|---|---|---|---|---|"]
+             "| experiment | paper | aaekit | train time | steps (epochs) | hardware |", "|---|---|---|---|---|---|"]
     for r in report["experiments"]:
         if r["status"] == "ok":
             se = f" ± {r['standard_error']:.1f}" if isinstance(r.get("standard_error"), (int, float)) else ""
             value = f"{r['aaekit']:.2f}{se} {r['unit']}" if r["aaekit"] is not None else "(no number in eval output)"
-            lines.append(f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | {r['steps']} | "
+            lines.append(f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | {r['steps']} ({r['epochs']}) | "
                          f"{report['hardware']} |")
         else:
             lines.append(f"| {r['table']} | {r['paper']} | {r['status']}: {r['reason']} | — | — | — |")

@@ -53,6 +53,8 @@ def test_reproduce_quick_trains_and_evaluates_likelihood(tmp_path, capsys):
     assert row["experiment"] == "likelihood" and row["status"] == "ok", row
     assert isinstance(row["aaekit"], float) and row["metric"] == "parzen"
     assert (ROOT / row["run_dir"] / "model.safetensors").exists()
+    last = json.loads((ROOT / row["run_dir"] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["steps"] == last["step"] and row["step_cap"] == 6  # the steps taken, beside the budget's cap
     table = (tmp_path / "reproduce.md").read_text()
     assert "| experiment | paper | aaekit |" in table and "340" in table
 
