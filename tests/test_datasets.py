@@ -286,4 +286,15 @@ def test_mnist_cache_hit_gives_the_idx_files_tensors_without_importing_datasets(
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                              env={**os.environ, "AAEKIT_CACHE_DIR": str(tmp_path / cache)})
         assert out.stdout.split() == ["10000", "False"], out.stderr[-2000:]
-    assert [p.name for p in (tmp_path / "fresh-cache" / "mnist").iterdir()] == [next((tmp_path / "cache" / "mnist").iterdir()).name]
+    (cached_file,) = (tmp_path / "fresh-cache" / "mnist").iterdir()
+    assert cached_file.name == next((tmp_path / "cache" / "mnist").iterdir()).name
+
+    # A cache cut short (a crash mid-write elsewhere, a full disk) is rebuilt, never trusted; the folder an
+    # earlier aaekit wrote for the same split is removed once the new file is in place.
+    monkeypatch.setenv("AAEKIT_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    cached_file.write_bytes(cached_file.read_bytes()[:1000])
+    (legacy := cached_file.with_suffix("")).mkdir()
+    (legacy / "data-00000-of-00001.arrow").write_bytes(b"old")
+    rebuilt = MNIST().load("test")
+    assert torch.equal(rebuilt.x, fresh.x) and torch.equal(rebuilt.y, fresh.y)
+    assert cached_file.stat().st_size > 7_000_000 and not legacy.exists()

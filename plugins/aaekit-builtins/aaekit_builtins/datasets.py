@@ -1,5 +1,6 @@
-"""MNIST from local idx .gz files (or the Hugging Face hub), converted once to an Arrow file in the cache (the
-layout of ``datasets``' ``save_to_disk``) and held by the engine as one uint8 tensor."""
+"""MNIST from local idx .gz files (or the Hugging Face hub), converted once to an Arrow file in the cache and held
+by the engine as one uint8 tensor. The Arrow cache files of every built-in dataset are written and read here, with
+pyarrow alone: local files never need ``datasets``, which only the hub path imports."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,41 +68,29 @@ def find_local(path: str) -> Path | None:
     return None
 
 
-def to_arrow(images: np.ndarray, labels: np.ndarray):
-    """One Arrow table: the pixels of each image as a fixed-size list, and its label."""
+def write_arrow(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """One record batch built over the (memory-mapped) arrays, so the file maps back into one tensor."""
     import pyarrow as pa
 
-    pixels = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images[0].size)
-    return pa.table({"image": pixels, "label": pa.array(labels.astype(np.int64))})
+    n, width = x.shape
+    values = pa.Array.from_buffers(pa.from_numpy_dtype(x.dtype), n * width, [None, pa.py_buffer(np.ascontiguousarray(x))])
+    labels = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(np.ascontiguousarray(y))])
+    batch = pa.record_batch([pa.FixedSizeListArray.from_arrays(values, width), labels], names=["x", "y"])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
 
 
-def write_saved(table, folder: Path) -> None:
-    """The table as one Arrow IPC stream in ``folder``, the file layout ``save_to_disk`` writes, with pyarrow
-    alone: local files then never need ``datasets`` (which only the hub path imports)."""
+def read_arrow(path: Path, shape: tuple[int, ...]) -> ArrayData:
+    """Memory-map a cached split: x is a view of the file (zero-copy), y a small copy."""
     import pyarrow as pa
 
-    folder.mkdir(parents=True)
-    with pa.ipc.new_stream(str(folder / "data-00000-of-00001.arrow"), table.schema) as writer:
-        writer.write_table(table)
-
-
-def read_saved(folder: Path):
-    """The table of a folder that ``datasets``' ``save_to_disk`` wrote (Arrow IPC streams), read with pyarrow
-    alone: importing ``datasets`` would add about half a second to every run's start-up."""
-    import pyarrow as pa
-
-    files = sorted(folder.glob("data-*.arrow"))
-    if not files:
-        raise ValueError(f"{folder}: no data-*.arrow files")
-    return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(f), "r")).read_all() for f in files])
-
-
-def from_arrow(table, shape) -> ArrayData:
-    pixels = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    labels = table.column("label").to_numpy()
-    # A copy: the Arrow buffer may be a read-only memory map, which torch must not wrap (45 MiB for MNIST).
-    x = torch.from_numpy(np.array(pixels, copy=True).reshape(len(labels), *shape))
-    return ArrayData(x, torch.from_numpy(np.array(labels, dtype=np.int64)))  # a writable copy (small)
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    x_col, y_col = table.column("x"), table.column("y")
+    x_col = x_col.chunk(0) if x_col.num_chunks == 1 else x_col.combine_chunks()
+    with warnings.catch_warnings():  # the mapping is read-only; torch warns about non-writable arrays
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(x_col.flatten().to_numpy(zero_copy_only=False)).reshape(len(table), *shape)
+    return ArrayData(x, torch.from_numpy(np.array(y_col.to_numpy(), dtype=np.int64)))
 
 
 class MNIST(Dataset):
@@ -137,10 +127,10 @@ class MNIST(Dataset):
             key = hashlib.sha256(f"{local}|{stamp}".encode()).hexdigest()[:16]
         else:
             key = hashlib.sha256(f"hub|{self.hub_id}".encode()).hexdigest()[:16]
-        cached = cache_dir() / "mnist" / f"{split}-{key}"
+        cached = cache_dir() / "mnist" / f"{split}-{key}.arrow"
         if cached.exists():
             try:
-                return from_arrow(read_saved(cached), self.input_shape)
+                return read_arrow(cached, self.input_shape)
             except Exception:  # a broken cache is rebuilt, never trusted
                 pass
         if local is not None:
@@ -150,14 +140,18 @@ class MNIST(Dataset):
                                 f"{FILES[split][1]} has {labels.shape[0]} labels")
         else:
             images, labels = self._from_hub(split)
-        table = to_arrow(images, labels)
+        labels = labels.astype(np.int64)
         tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
         try:
-            write_saved(table, tmp)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_arrow(tmp, images.reshape(len(images), -1), labels)
             os.replace(tmp, cached)
+            legacy = cached.with_suffix("")  # the folder an earlier aaekit wrote with ``datasets``' save_to_disk
+            if legacy.is_dir():
+                shutil.rmtree(legacy, ignore_errors=True)
         except OSError:  # a read-only cache only costs the conversion next time
-            shutil.rmtree(tmp, ignore_errors=True)
-        return from_arrow(table, self.input_shape)
+            tmp.unlink(missing_ok=True)
+        return ArrayData(torch.from_numpy(np.array(images, copy=True)), torch.from_numpy(labels))
 
     def _from_hub(self, split: str):
         import datasets

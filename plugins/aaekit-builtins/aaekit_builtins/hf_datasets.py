@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from aaekit.contracts import ArrayData, Dataset
 from aaekit.errors import UserError
 from aaekit.hookspecs import hookimpl
 from aaekit.params import Param
-from aaekit_builtins.datasets import cache_dir
+from aaekit_builtins.datasets import cache_dir, read_arrow, write_arrow
 
 CONVERTER_VERSION = 1  # bump when the cached layout or the preprocessing changes meaning
 CHUNK_ROWS = 4096
@@ -362,31 +361,6 @@ def open_stage(stage: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
     x = np.memmap(stage.with_suffix(".x"), dtype=info["dtype"], mode="r", shape=(n, width))
     y = np.memmap(stage.with_suffix(".y"), dtype=np.int64, mode="r", shape=(n,))
     return x, y
-
-
-def write_arrow(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """One record batch built over the (memory-mapped) arrays, so the file maps back into one tensor."""
-    import pyarrow as pa
-
-    n, width = x.shape
-    values = pa.Array.from_buffers(pa.from_numpy_dtype(x.dtype), n * width, [None, pa.py_buffer(np.ascontiguousarray(x))])
-    labels = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(np.ascontiguousarray(y))])
-    batch = pa.record_batch([pa.FixedSizeListArray.from_arrays(values, width), labels], names=["x", "y"])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-
-
-def read_arrow(path: Path, shape: tuple[int, ...]) -> ArrayData:
-    """Memory-map a cached split: x is a view of the file (zero-copy), y a small copy."""
-    import pyarrow as pa
-
-    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    x_col, y_col = table.column("x"), table.column("y")
-    x_col = x_col.chunk(0) if x_col.num_chunks == 1 else x_col.combine_chunks()
-    with warnings.catch_warnings():  # the mapping is read-only; torch warns about non-writable arrays
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(x_col.flatten().to_numpy(zero_copy_only=False)).reshape(len(table), *shape)
-    return ArrayData(x, torch.from_numpy(np.array(y_col.to_numpy(), dtype=np.int64)))
 
 
 # ---------------------------------------------------------------------------------------------------
