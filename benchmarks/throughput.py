@@ -401,20 +401,21 @@ def main(argv: list[str] | None = None) -> int:
         # The same comparison per round (both timed within the same round, so under the same load).
         speedups[f"{n}_vs_plain_fp32_per_round"] = [p / a for a, p in zip(timed[n], timed["plain_fp32"])]
 
-    # A short loss curve, bf16 against fp32, from the same seed and the same batches.
+    # A short loss curve, bf16 (and fp16 on a GPU) against fp32, from the same seed and the same batches.
     del fp32, trainer, contenders
     curves = {}
-    for name, extra in (("fp32", []), ("bf16", ["run.mixed_precision=bf16"])):
+    for name in ("fp32", *(p for p in ("bf16", "fp16") if f"aaekit_{p}" in results)):
+        extra = [] if name == "fp32" else [f"run.mixed_precision={name}"]
         trainer = make_trainer(recipe_overrides(cfg, *extra), work / f"curve-{name}")
         curves[name] = EngineSteps(trainer).reconstruction_losses(cfg["curve_steps"])
         del trainer
     window = max(1, cfg["curve_steps"] // 10)
     mean_of = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    curve = {
-        "steps": cfg["curve_steps"], "window": window,
-        "fp32": [mean_of(curves["fp32"][i:i + window]) for i in range(0, cfg["curve_steps"], window)],
-        "bf16": [mean_of(curves["bf16"][i:i + window]) for i in range(0, cfg["curve_steps"], window)],
-    }
+    curve = {"steps": cfg["curve_steps"], "window": window}
+    for name, losses in curves.items():
+        curve[name] = [mean_of(losses[i:i + window]) for i in range(0, cfg["curve_steps"], window)]
+    if "fp16" in curve:
+        curve["fp16_final_relative_difference"] = abs(curve["fp16"][-1] - curve["fp32"][-1]) / curve["fp32"][-1]
     curve["final_relative_difference"] = abs(curve["bf16"][-1] - curve["fp32"][-1]) / curve["fp32"][-1]
 
     report = {
@@ -457,6 +458,8 @@ def print_table(report: dict) -> None:
     c = report["bf16_loss_curve"]
     print(f"reconstruction loss after {c['steps']} steps: fp32 {c['fp32'][-1]:.4f}, bf16 {c['bf16'][-1]:.4f} "
           f"({100 * c['final_relative_difference']:.1f}% apart)")
+    if "fp16" in c:
+        print(f"  fp16 {c['fp16'][-1]:.4f} ({100 * c['fp16_final_relative_difference']:.1f}% from fp32)")
     if "cli" in report:
         cli = report["cli"]
         print(f"aaekit --help {cli['help_s']['min']:.2f}s (python alone {cli['python_startup_s']:.2f}s, "
