@@ -182,8 +182,8 @@ def markdown(report: dict) -> str:
         if r["status"] == "ok":
             se = f" ± {r['standard_error']:.1f}" if isinstance(r.get("standard_error"), (int, float)) else ""
             value = f"{r['aaekit']:.2f}{se} {r['unit']}" if r["aaekit"] is not None else "(no number in eval output)"
-            lines.append(f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | {r['steps']} ({r['epochs']}) | "
-                         f"{report['hardware']} |")
+            lines.append(f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | "
+                         f"{r['steps']} ({r['epochs']}) | {report['hardware']} |")
         else:
             lines.append(f"| {r['table']} | {r['paper']} | {r['status']}: {r['reason']} | — | — | — |")
     return "\n".join(lines) + "\n"

@@ -338,8 +338,8 @@ def machine_info() -> dict:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None
-    return {"device": DEVICE.type, "gpu": gpu, "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
+    return {"device": DEVICE.type, "gpu": gpu, "cpu": cpu, "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "load_average_at_start": load,
             "bf16_matmul_units": "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None}
 
