@@ -5,6 +5,7 @@ evaluated with `aaekit eval`, as a user would run them.
     .venv/bin/python benchmarks/reproduce.py --minutes 1 --only likelihood
     .venv/bin/python benchmarks/reproduce.py --minutes 15 --set run.mixed_precision=bf16
     .venv/bin/python benchmarks/reproduce.py --quick          # tiny nets, a few steps: checks the pipeline
+    .venv/bin/python benchmarks/reproduce.py --seeds 4 --only cluster16   # mean and spread over run.seed 0..3
 
 The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
 Experiments whose recipe does not exist are listed as skipped, with the reason.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -135,15 +137,16 @@ def hardware() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads (CPU)"
 
 
-def run_experiment(exp: Experiment, opts, out_root: Path) -> dict:
+def run_experiment(exp: Experiment, opts, out_root: Path, seed: int | None = None) -> dict:
+    """One training run and its evaluation; ``seed`` (with --seeds) overrides the recipe's run.seed."""
     recipe = ROOT / "recipes" / exp.recipe
     row = {"experiment": exp.key, "table": exp.table, "recipe": f"recipes/{exp.recipe}", "paper": exp.paper,
            "unit": exp.unit}
     if not recipe.exists():
         return {**row, "status": "skipped", "reason": f"recipes/{exp.recipe} does not exist yet"}
     metric = exp.metric
-    work = out_root / exp.key
-    overrides = [*exp.overrides, *opts.overrides]
+    work = out_root / (exp.key if seed is None else f"{exp.key}-seed{seed}")
+    overrides = [*exp.overrides, *opts.overrides, *([] if seed is None else [f"run.seed={seed}"])]
     if opts.quick:
         overrides += QUICK_OVERRIDES + tiny_code_overrides(recipe) + ["train.max_steps=6", "train.log_every=3"]
         steps, calibrated = 6, None
@@ -175,6 +178,23 @@ def run_experiment(exp: Experiment, opts, out_root: Path) -> dict:
             "run_dir": str((work / "run").relative_to(ROOT)), "overrides": overrides, "eval": result}
 
 
+def combine_seeds(runs: list[dict]) -> dict:
+    """One row for an experiment trained with several seeds: the mean of their numbers, their sample standard
+    deviation and each seed's run; failed if any seed failed."""
+    if len(runs) == 1 or all(r["status"] == "skipped" for r in runs):
+        return runs[0]
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:
+        return {**failed[0], "reason": "; ".join(f"seed {r['seed']}: {r['reason']}" for r in failed)}
+    numbers = [r["aaekit"] for r in runs]
+    per_seed = ("seed", "aaekit", "steps", "epochs", "train_s", "eval_s", "run_dir", "eval")
+    return {**{k: v for k, v in runs[0].items() if k not in per_seed}, "aaekit": statistics.mean(numbers),
+            "seeds_std": statistics.stdev(numbers), "standard_error": None,
+            "steps": round(statistics.mean(r["steps"] for r in runs)),
+            "epochs": runs[0]["epochs"], "train_s": statistics.mean(r["train_s"] for r in runs),
+            "seeds": [{k: r[k] for k in per_seed} for r in runs]}
+
+
 def markdown(report: dict) -> str:
     lines = [f"Budget: {report['budget']}; hardware: {report['hardware']}; {report['finished']}.", "",
              "| experiment | paper | aaekit | train time | steps (epochs) | hardware |", "|---|---|---|---|---|---|"]
@@ -182,6 +202,9 @@ def markdown(report: dict) -> str:
         if r["status"] == "ok":
             se = f" ± {r['standard_error']:.1f}" if isinstance(r.get("standard_error"), (int, float)) else ""
             value = f"{r['aaekit']:.2f}{se} {r['unit']}" if r["aaekit"] is not None else "(no number in eval output)"
+            if "seeds" in r:
+                value += (f" (mean of {len(r['seeds'])} seeds, sd {r['seeds_std']:.2f}: "
+                          + " / ".join(f"{s['aaekit']:.2f}" for s in r["seeds"]) + ")")
             lines.append(f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | "
                          f"{r['steps']} ({r['epochs']}) | {report['hardware']} |")
         else:
@@ -199,10 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiments trained at the same time (e.g. 8 on one large GPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every experiment, e.g. run.mixed_precision=bf16 (repeatable)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each experiment with run.seed = 0..N-1 and report the mean and spread")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     opts = parser.parse_args(argv)
     if opts.minutes <= 0:
         parser.error("--minutes must be positive")
+    if opts.seeds < 1:
+        parser.error("--seeds must be at least 1")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out_root = ROOT / "runs" / "reproduce" / stamp
     n = 1
@@ -224,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = "quick (tiny nets, 6 steps)" if opts.quick else f"{opts.minutes:g} min of training per experiment"
     if opts.parallel > 1:
         budget += f", {opts.parallel} at a time"
+    if opts.seeds > 1:
+        budget += f", seeds 0-{opts.seeds - 1}"
     if opts.overrides:
         budget += f", with {' '.join(opts.overrides)}"
     lock = threading.Lock()
@@ -242,18 +271,25 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(opts.results / name)
         return report
 
-    def one(exp: Experiment) -> None:
-        print(f"[{exp.key}] ...", flush=True)
-        row = run_experiment(exp, opts, out_root)
-        detail = f"{row['aaekit']} {row['unit']} in {row['train_s']} s" if row["status"] == "ok" else row["reason"]
-        print(f"[{exp.key}] {row['status']}: {detail}", flush=True)
-        with lock:
-            rows[exp.key] = row
-            write_report()
+    seeds = [None] if opts.seeds == 1 else list(range(opts.seeds))
+    finished: dict[str, list[dict]] = {e.key: [] for e in chosen}
 
-    # Experiments are separate processes: on a large GPU several share it well (each alone leaves it idle).
+    def one(job: tuple[Experiment, int | None]) -> None:
+        exp, seed = job
+        name = exp.key if seed is None else f"{exp.key} seed {seed}"
+        print(f"[{name}] ...", flush=True)
+        row = {**run_experiment(exp, opts, out_root, seed), "seed": seed}
+        detail = f"{row['aaekit']} {row['unit']} in {row['train_s']} s" if row["status"] == "ok" else row["reason"]
+        print(f"[{name}] {row['status']}: {detail}", flush=True)
+        with lock:
+            finished[exp.key].append(row)
+            if len(finished[exp.key]) == len(seeds):  # an experiment enters the report once all its seeds have
+                rows[exp.key] = combine_seeds(sorted(finished[exp.key], key=lambda r: r["seed"] or 0))
+                write_report()
+
+    # Runs are separate processes: on a large GPU several share it well (each alone leaves it idle).
     with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
-        list(pool.map(one, chosen))
+        list(pool.map(one, [(exp, seed) for exp in chosen for seed in seeds]))
     report = write_report()
     print(markdown(report))
     return 1 if any(r["status"] == "failed" for r in report["experiments"]) else 0

@@ -8,6 +8,8 @@ import importlib.util
 import json
 import sys
 
+import pytest
+
 from conftest import ROOT, aaekit
 
 
@@ -70,3 +72,23 @@ def test_reproduce_parallel_keeps_the_table_order_and_every_row(tmp_path):
     assert [r["experiment"] for r in report["experiments"]] == ["likelihood", "semisupervised_all"]
     assert all(r["status"] == "ok" and isinstance(r["aaekit"], float) for r in report["experiments"])
     assert "2 at a time" in report["budget"]
+
+
+def test_reproduce_seeds_reports_the_mean_and_every_seed(tmp_path):
+    """--seeds 2: the experiment is trained with run.seed 0 and 1 (two runs, two folders) and the table gives the
+    mean of their numbers with each seed's."""
+    import statistics
+    import tomllib
+
+    reproduce = script("reproduce")
+    assert reproduce.main(["--quick", "--seeds", "2", "--only", "cluster16", "--results", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "reproduce.json").read_text())["experiments"]
+    assert row["status"] == "ok" and [s["seed"] for s in row["seeds"]] == [0, 1]
+    numbers = [s["aaekit"] for s in row["seeds"]]
+    assert row["aaekit"] == pytest.approx(statistics.mean(numbers))
+    assert row["seeds_std"] == pytest.approx(statistics.stdev(numbers))
+    for s in row["seeds"]:
+        saved = tomllib.loads((ROOT / s["run_dir"] / "recipe.toml").read_text())
+        assert saved["run"]["seed"] == s["seed"]
+    assert len({s["run_dir"] for s in row["seeds"]}) == 2
+    assert "mean of 2 seeds" in (tmp_path / "reproduce.md").read_text()
