@@ -339,7 +339,8 @@ def machine_info() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None
     return {"device": DEVICE.type, "gpu": gpu, "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "load_average_at_start": load,
             "bf16_matmul_units": "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None}
 
@@ -367,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = make_trainer(recipe_overrides(cfg), work / "fp32")
     contenders = {"aaekit_fp32": EngineSteps(fp32)}
     # fp16 needs a GPU (Accelerate's gradient scaler); bf16 runs on both.
-    for precision in ("bf16", "fp16") if DEVICE.type == "cuda" else ("bf16",):
+    mixed = ("bf16", "fp16") if DEVICE.type == "cuda" else ("bf16",)
+    for precision in mixed:
         trainer = make_trainer(recipe_overrides(cfg, f"run.mixed_precision={precision}"), work / precision)
         contenders[f"aaekit_{precision}"] = EngineSteps(trainer)
     contenders["plain_fp32"] = PlainLoop(fp32.dataset.load("train").x, cfg["hidden"], cfg["batch"])
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     # A short loss curve, bf16 (and fp16 on a GPU) against fp32, from the same seed and the same batches.
     del fp32, trainer, contenders
     curves = {}
-    for name in ("fp32", *(p for p in ("bf16", "fp16") if f"aaekit_{p}" in results)):
+    for name in ("fp32", *mixed):
         extra = [] if name == "fp32" else [f"run.mixed_precision={name}"]
         trainer = make_trainer(recipe_overrides(cfg, *extra), work / f"curve-{name}")
         curves[name] = EngineSteps(trainer).reconstruction_losses(cfg["curve_steps"])
@@ -414,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     curve = {"steps": cfg["curve_steps"], "window": window}
     for name, losses in curves.items():
         curve[name] = [mean_of(losses[i:i + window]) for i in range(0, cfg["curve_steps"], window)]
-    if "fp16" in curve:
-        curve["fp16_final_relative_difference"] = abs(curve["fp16"][-1] - curve["fp32"][-1]) / curve["fp32"][-1]
-    curve["final_relative_difference"] = abs(curve["bf16"][-1] - curve["fp32"][-1]) / curve["fp32"][-1]
+    for name in mixed:  # bf16's keeps its original key
+        key = "final_relative_difference" if name == "bf16" else f"{name}_final_relative_difference"
+        curve[key] = abs(curve[name][-1] - curve["fp32"][-1]) / curve["fp32"][-1]
 
     report = {
         "benchmark": "throughput", "quick": opts.quick, "machine": info,
