@@ -7,7 +7,9 @@ its rounds. Run it from the repository root:
     .venv/bin/python benchmarks/throughput.py            # the paper's likelihood setting (minutes)
     .venv/bin/python benchmarks/throughput.py --quick    # tiny nets and budget: checks that it works (seconds)
 
-It prints a table and writes benchmarks/results/throughput.json (figures, versions, threads, CPU, GPU).
+It prints a table and writes benchmarks/results/throughput.json (figures, versions, threads, CPU, GPU), with
+each contender's step split by torch.profiler into matrix products, optimizer, dtype casts, data loading, other
+operators, autograd bookkeeping and Python.
 On a machine with a GPU every contender runs on it (the engine where Accelerate puts it, the plain loop and
 the replayed matmuls beside it), timed with the GPU synchronised, and fp16 is timed beside bf16.
 """
@@ -49,10 +51,10 @@ def synchronize() -> None:
 # The paper's likelihood setting (recipes/gaussian.toml); --quick shrinks the nets so a smoke test takes seconds.
 FULL = {"hidden": 1000, "batch": 100, "limit": 0, "warmup": 5, "rounds": 7, "steps": 20,
         "curve_steps": 300, "epoch_sizes": [10_000, 30_000, 60_000], "cli_steps": 20,
-        "cli_repeats": 5}
+        "cli_repeats": 5, "breakdown_steps": 5, "breakdown_rounds": 3}
 QUICK = {"hidden": 64, "batch": 100, "limit": 2000, "warmup": 2, "rounds": 2, "steps": 3,
          "curve_steps": 20, "epoch_sizes": [500, 1000, 2000], "cli_steps": 3,
-         "cli_repeats": 1}
+         "cli_repeats": 1, "breakdown_steps": 2, "breakdown_rounds": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,6 +234,84 @@ class MatmulReplay:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Where a step's time goes: torch.profiler's self time of every operator, grouped.
+
+MATMUL_NAMES = {"aten::mm", "aten::addmm", "aten::bmm"}
+CAST_NAMES = {"aten::copy_", "aten::_to_copy"}
+# matmul: matrix products; optimizer: inside Optimizer.step/zero_grad; casts: copy_/_to_copy (autocast's dtype
+# casts among them); data: inside a DataLoader's next(); other_ops: every other operator; autograd: the autograd
+# engine's own bookkeeping; python: wall time outside any operator.
+BREAKDOWN_CATEGORIES = ("matmul", "optimizer", "casts", "data", "other_ops", "autograd", "python")
+
+
+def category_of(event) -> str:
+    """Everything inside an optimizer's step/zero_grad is the optimizer's (the plain loop's unfused Adam is many
+    small operators), everything inside a DataLoader's next() is data loading; else the operator decides."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("Optimizer."):
+            return "optimizer"
+        if "DataLoader" in parent.name:
+            return "data"
+        parent = parent.cpu_parent
+    name = event.name
+    if name.startswith("Optimizer."):
+        return "optimizer"
+    if "DataLoader" in name:
+        return "data"
+    if name in MATMUL_NAMES:
+        return "matmul"
+    if name in CAST_NAMES:
+        return "casts"
+    return "other_ops" if name.startswith("aten::") else "autograd"
+
+
+def profile_steps(step, steps: int) -> tuple[float, dict]:
+    """Wall milliseconds of `steps` profiled steps, and the self time (ms) of each category in them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - start)
+    ms = dict.fromkeys(BREAKDOWN_CATEGORIES, 0.0)
+    for event in prof.events():
+        ms[category_of(event)] += event.self_cpu_time_total / 1e3
+    return wall_ms, ms
+
+
+def time_breakdowns(contenders: dict, cfg: dict) -> dict:
+    """Milliseconds per step by category for each contender (host time: on a GPU, what the CPU spends
+    launching), profiled in alternating rounds like the timing. The profiler slows each operator call a little,
+    so the categories add up to the profiled step time (`profiled_step_ms`), somewhat above the unprofiled one;
+    "python" is the wall time outside any operator."""
+    steps = cfg["breakdown_steps"]
+    # A contender's first profiled steps are slow (bf16's casts measured 17, then 10, then 3.6 ms a step in three
+    # 5-step profiles in a row, and 3.6 ms at once after 40 unprofiled steps), so unprofiled steps go first.
+    for step in contenders.values():
+        for _ in range(8 * steps):
+            step()
+    wall = dict.fromkeys(contenders, 0.0)
+    split = {n: dict.fromkeys(BREAKDOWN_CATEGORIES, 0.0) for n in contenders}
+    for _ in range(cfg["breakdown_rounds"]):
+        for n, step in contenders.items():
+            wall_ms, ms = profile_steps(step, steps)
+            wall[n] += wall_ms
+            for c, v in ms.items():
+                split[n][c] += v
+    out = {}
+    for n in contenders:
+        total = steps * cfg["breakdown_rounds"]
+        ms = {c: v / total for c, v in split[n].items()}
+        ms["python"] = max(0.0, wall[n] / total - sum(ms.values()))
+        out[n] = {"profiled_step_ms": wall[n] / total, "ms_per_step": ms}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 def alternate(contenders: dict, cfg: dict) -> dict[str, list[float]]:
     """Warm every contender up, then time `steps` calls of each per round, rotating the order each round.
@@ -382,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     assert "aaekit_fp16" not in dtypes or "float16" in dtypes["aaekit_fp16"], dtypes
     replays = {f"ceiling_{n}": MatmulReplay(calls) for n, (calls, _) in profiles.items()}
     timed = alternate({**contenders, **replays}, cfg)
+    breakdowns = time_breakdowns(contenders, cfg)
 
     batch = cfg["batch"]
     results: dict = {}
@@ -395,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_ms": 1e3 * sec, "flops_per_step": flops, "gflops": flops / sec / 1e9,
             "ceiling_gflops": ceiling_gflops, "matmuls_per_step": len(profiles[n][0]),
             "matmul_dtypes": dtypes[n], "fraction_of_ceiling": flops / sec / 1e9 / ceiling_gflops,
+            "time_breakdown": breakdowns[n],
         }
     plain = results["plain_fp32"]["samples_per_s"]
     speedups = {}
@@ -455,6 +537,12 @@ def print_table(report: dict) -> None:
     for n, r in report["results"].items():
         print(f"{n:<14}{r['samples_per_s']:>11.0f}{r['step_ms']:>9.1f}{r['gflops']:>9.1f}"
               f"{r['ceiling_gflops']:>9.1f}{100 * r['fraction_of_ceiling']:>10.0f}%")
+    print(f"\nwhere a step's time goes (ms, profiled; {'host time' if m.get('gpu') else 'CPU'}):")
+    print(f"{'contender':<14}" + "".join(f"{c:>10}" for c in BREAKDOWN_CATEGORIES) + f"{'total':>8}")
+    for n, r in report["results"].items():
+        b = r["time_breakdown"]
+        print(f"{n:<14}" + "".join(f"{b['ms_per_step'][c]:>10.2f}" for c in BREAKDOWN_CATEGORIES)
+              + f"{b['profiled_step_ms']:>8.1f}")
     print("   ".join(f"{k.removesuffix('_vs_plain_fp32').replace('_', ' ')} / plain fp32: {v:.2f}x"
                        for k, v in report["speedups"].items() if not k.endswith("_per_round")))
     c = report["bf16_loss_curve"]

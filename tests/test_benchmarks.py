@@ -33,6 +33,13 @@ def test_throughput_quick_writes_every_figure(tmp_path, capsys):
         assert 0 < r["fraction_of_ceiling"], name
         assert len(r["samples_per_s_rounds"]) == report["setting"]["rounds"]
     assert report["results"]["aaekit_fp32"]["matmul_dtypes"] == ["float32"]
+    for name, r in report["results"].items():  # where the time goes: every category, adding up to the step
+        split = r["time_breakdown"]["ms_per_step"]
+        assert set(split) == {"matmul", "optimizer", "casts", "data", "other_ops", "autograd", "python"}, name
+        assert all(v >= 0 for v in split.values()) and split["matmul"] > 0 and split["optimizer"] > 0, (name, split)
+        assert sum(split.values()) >= 0.999 * r["time_breakdown"]["profiled_step_ms"], (name, split)
+    assert report["results"]["plain_fp32"]["time_breakdown"]["ms_per_step"]["data"] > 0  # its DataLoader
+    assert report["results"]["aaekit_fp32"]["time_breakdown"]["ms_per_step"]["data"] == 0  # an index, no loader
     assert "bfloat16" in report["results"]["aaekit_bf16"]["matmul_dtypes"]
     assert {"aaekit_fp32_vs_plain_fp32", "aaekit_bf16_vs_plain_fp32"} <= set(report["speedups"])
     curve = report["bf16_loss_curve"]
