@@ -298,6 +298,8 @@ def time_breakdowns(contenders: dict, cfg: dict) -> dict:
     split = {n: dict.fromkeys(BREAKDOWN_CATEGORIES, 0.0) for n in contenders}
     for _ in range(cfg["breakdown_rounds"]):
         for n, step in contenders.items():
+            for _ in range(steps):  # back in cache after the other contenders' turns, as in a timing round
+                step()
             wall_ms, ms = profile_steps(step, steps)
             wall[n] += wall_ms
             for c, v in ms.items():
