@@ -28,13 +28,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from aaekit import checkpoint as ckpt
+from aaekit.cpu import keep_freed_memory, set_flush_denormals
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
 from aaekit.model import AAE, build_model
 from aaekit.recipe import Recipe, dataset_params
 
 # Recipe keys that may change when a run is resumed: extending it, or checkpointing differently.
-RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+RESUMABLE_CHANGES = {"run.flush_denormals", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.pictures", "train.imbalance_warning_steps"}
 
 
@@ -58,24 +59,6 @@ def hot_path(optimizer, acc: Accelerator):
     direct = (getattr(optimizer, "scaler", None) is None and acc.distributed_type != DistributedType.XLA
               and acc.gradient_accumulation_steps == 1)
     return optimizer.optimizer if direct and hasattr(optimizer, "optimizer") else optimizer
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing freed blocks back to the kernel. By default blocks over 128 KiB are mapped
-    on allocation and unmapped on free, so every step's activations and bf16 weight copies come back as fresh
-    pages: ~1,100 page faults per bf16 step on the paper's MNIST setting (~6 % of its time on a CPU). With
-    these thresholds blocks up to 32 MiB are reused within the process. Returns whether it applied (glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def refuse_lonely_process(num_processes: int) -> None:
@@ -128,6 +111,7 @@ class Trainer:
         self.device = acc.device
         if self.device.type == "cpu":
             keep_freed_memory()
+            set_flush_denormals(values["run"]["flush_denormals"])
 
         # ---- data: held on the device, split and labelled reproducibly from the run seed ----
         torch.manual_seed(self.seed)

@@ -22,6 +22,9 @@ CORE: dict[str, dict[str, Param]] = {
         "name": Param(str, "", help="run directory name under the output folder; defaults to the recipe's stem"),
         "seed": Param(int, 0, min=0),
         "mixed_precision": Param(str, "no", choices=("no", "bf16", "fp16")),
+        "flush_denormals": Param(bool, True, help="on a CPU, round numbers below ~1e-38 to zero on every compute "
+                                 "thread (denormals put the CPU on a slow path: 10-40 % of a step once Adam's "
+                                 "state holds them); false keeps strict IEEE arithmetic"),
     },
     "data": {
         "name": Param(str, help='the dataset plugin, e.g. name = "mnist"'),

@@ -51,10 +51,12 @@ def synchronize() -> None:
 # The paper's likelihood setting (recipes/gaussian.toml); --quick shrinks the nets so a smoke test takes seconds.
 FULL = {"hidden": 1000, "batch": 100, "limit": 0, "warmup": 5, "rounds": 7, "steps": 20,
         "curve_steps": 300, "epoch_sizes": [10_000, 30_000, 60_000], "cli_steps": 20,
-        "cli_repeats": 5, "breakdown_steps": 5, "breakdown_rounds": 3}
+        "cli_repeats": 5, "breakdown_steps": 5, "breakdown_rounds": 3,
+        "long_steps": 1800}
 QUICK = {"hidden": 64, "batch": 100, "limit": 2000, "warmup": 2, "rounds": 2, "steps": 3,
          "curve_steps": 20, "epoch_sizes": [500, 1000, 2000], "cli_steps": 3,
-         "cli_repeats": 1, "breakdown_steps": 2, "breakdown_rounds": 1}
+         "cli_repeats": 1, "breakdown_steps": 2, "breakdown_rounds": 1,
+         "long_steps": 12}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,6 +388,27 @@ def cli_timings(cfg: dict, work: Path) -> dict:
     }
 
 
+def long_runs(cfg: dict, work: Path) -> dict:
+    """`aaekit run` for `long_steps` steps with denormal flushing on and off (`run.flush_denormals`): samples/s
+    per log window. Without flushing a CPU run slows down as Adam's running averages fill with denormals, long
+    after the few hundred steps the alternating rounds above take."""
+    out = {}
+    windows = 6
+    for flush in (True, False):
+        run_dir = work / f"long-{'flush' if flush else 'no-flush'}"
+        args = [sys.executable, "-m", "aaekit", "run", str(RECIPE),
+                *recipe_overrides(cfg, f"train.max_steps={cfg['long_steps']}",
+                                  f"train.log_every={max(1, cfg['long_steps'] // windows)}",
+                                  f"run.flush_denormals={str(flush).lower()}"), "--output-dir", str(run_dir)]
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=work)
+        if proc.returncode:
+            raise SystemExit(f"aaekit run failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out["flush" if flush else "no_flush"] = {"steps": [r["step"] for r in records],
+                                                 "samples_per_s": [r["samples_per_s"] for r in records]}
+    return out
+
+
 def epoch_scaling(cfg: dict, work: Path) -> list[dict]:
     """Time of one full epoch (the engine's steps) as the training set grows."""
     out = []
@@ -435,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-steps", type=int, help="steps of the bf16-vs-fp32 loss curve (default 300)")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI start-up and peak-memory figures")
     parser.add_argument("--no-epochs", action="store_true", help="skip time per epoch vs training set size")
+    parser.add_argument("--no-long", action="store_true", help="skip the long `aaekit run`s with and without "
+                        "denormal flushing")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     opts = parser.parse_args(argv)
     cfg = dict(QUICK if opts.quick else FULL)
@@ -456,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         contenders[f"aaekit_{precision}"] = EngineSteps(trainer)
     contenders["plain_fp32"] = PlainLoop(fp32.dataset.load("train").x, cfg["hidden"], cfg["batch"])
 
+    # Where each step's time goes, first: profiled later, beside the replays' memory and after the flop counter,
+    # Adam and the casts read about twice as slow as they run (in the timing and in a lone trainer).
+    breakdowns = time_breakdowns(contenders, cfg)
     # FLOPs and matmuls of one step of each; the ceilings replay those matmuls alone.
     profiles = {n: one_step_profile(fn) for n, fn in contenders.items()}
     dtypes = {n: sorted({str(a[2]).removeprefix("torch.") for _, spec, _ in calls for a in spec
@@ -464,7 +492,6 @@ def main(argv: list[str] | None = None) -> int:
     assert "aaekit_fp16" not in dtypes or "float16" in dtypes["aaekit_fp16"], dtypes
     replays = {f"ceiling_{n}": MatmulReplay(calls) for n, (calls, _) in profiles.items()}
     timed = alternate({**contenders, **replays}, cfg)
-    breakdowns = time_breakdowns(contenders, cfg)
 
     batch = cfg["batch"]
     results: dict = {}
@@ -511,15 +538,18 @@ def main(argv: list[str] | None = None) -> int:
                     "discriminator": [8, cfg["hidden"], cfg["hidden"], 1], "batch": batch,
                     "optimizer": "adam", "rounds": cfg["rounds"], "steps_per_round": cfg["steps"],
                     "warmup_steps": cfg["warmup"], "statistic": "median over alternating rounds",
-                    # mallopt is process-wide: the plain loop, timed in the same process, gains from the
-                    # engine's allocator setting too, so the speed-ups are conservative
-                    "plain_loop_allocator": "glibc thresholds set by aaekit's Trainer (same process)"},
+                    # both are process-wide: the plain loop, timed in the same process, gains from the
+                    # engine's CPU settings too, so the speed-ups are conservative
+                    "plain_loop_allocator": "glibc thresholds set by aaekit's Trainer (same process)",
+                    "plain_loop_denormals": "flushed on every thread by aaekit's Trainer (same process)"},
         "results": results, "speedups": speedups, "bf16_loss_curve": curve,
     }
     if not opts.no_cli:
         report["cli"] = cli_timings(cfg, work)
     if not opts.no_epochs:
         report["epoch_scaling"] = epoch_scaling(cfg, work)
+    if not opts.no_long:
+        report["long_runs"] = long_runs(cfg, work)
     report["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     opts.output.parent.mkdir(parents=True, exist_ok=True)
@@ -557,6 +587,9 @@ def print_table(report: dict) -> None:
         print(f"aaekit --help {cli['help_s']['min']:.2f}s (python alone {cli['python_startup_s']:.2f}s, "
               f"imports torch: {cli['help_imports_torch']}); aaekit run start to first step "
               f"{cli['run_start_to_first_step_s']:.2f}s; peak RSS {cli['run_peak_rss_mib']:.0f} MiB")
+    for name, run in report.get("long_runs", {}).items():
+        print(f"aaekit run, {name.replace('_', ' ')}: samples/s at steps {run['steps']}: "
+              + ", ".join(f"{v:.0f}" for v in run["samples_per_s"]))
     for e in report.get("epoch_scaling", []):
         print(f"epoch of {e['train_size']:>6} images: {e['epoch_s']:7.2f}s  ({e['us_per_sample']:.0f} us/sample)")
 

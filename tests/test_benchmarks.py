@@ -47,6 +47,11 @@ def test_throughput_quick_writes_every_figure(tmp_path, capsys):
     cli = report["cli"]
     assert cli["help_imports_torch"] is False  # `aaekit --help` must stay light
     assert cli["run_start_to_first_step_s"] > 0 and cli["run_peak_rss_mib"] > 0
+    long_runs = report["long_runs"]  # real `aaekit run`s with and without denormal flushing
+    assert set(long_runs) == {"flush", "no_flush"}
+    for run in long_runs.values():
+        assert run["steps"][-1] == 12 and len(run["steps"]) == len(run["samples_per_s"]) >= 2
+        assert all(v > 0 for v in run["samples_per_s"])
     sizes = [e["train_size"] for e in report["epoch_scaling"]]
     assert sizes == sorted(sizes) and all(e["epoch_s"] > 0 for e in report["epoch_scaling"])
     assert "samples/s" in capsys.readouterr().out
