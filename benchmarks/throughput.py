@@ -300,7 +300,7 @@ def time_breakdowns(contenders: dict, cfg: dict) -> dict:
     split = {n: dict.fromkeys(BREAKDOWN_CATEGORIES, 0.0) for n in contenders}
     for _ in range(cfg["breakdown_rounds"]):
         for n, step in contenders.items():
-            for _ in range(steps):  # back in cache after the other contenders' turns, as in a timing round
+            for _ in range(steps):  # as in a timing round, its steps follow steps of its own
                 step()
             wall_ms, ms = profile_steps(step, steps)
             wall[n] += wall_ms
@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         contenders[f"aaekit_{precision}"] = EngineSteps(trainer)
     contenders["plain_fp32"] = PlainLoop(fp32.dataset.load("train").x, cfg["hidden"], cfg["batch"])
 
-    # Where each step's time goes, first: profiled later, beside the replays' memory and after the flop counter,
-    # Adam and the casts read about twice as slow as they run (in the timing and in a lone trainer).
+    # Where each step's time goes. (Before denormal flushing, Adam and the casts profiled here after the timing
+    # read twice as slow as at its start: the denormals that had built up in Adam's state by then.)
     breakdowns = time_breakdowns(contenders, cfg)
     # FLOPs and matmuls of one step of each; the ceilings replay those matmuls alone.
     profiles = {n: one_step_profile(fn) for n, fn in contenders.items()}
