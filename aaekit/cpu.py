@@ -26,21 +26,28 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def _openmp_library() -> ctypes.CDLL | None:
-    """The OpenMP runtime this process has loaded (torch's libgomp, or an LLVM/Intel one: both export GOMP_parallel)."""
+def _openmp_libraries() -> list[ctypes.CDLL]:
+    """The OpenMP runtimes this process has loaded (libgomp, or an LLVM/Intel one: all export GOMP_parallel): torch's
+    own copy where its wheel brings one, else every one loaded (a build that links the system's)."""
+    import torch
+
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
-        return None
-    paths = {line.split()[-1] for line in maps.splitlines() if re.search(r"/lib(gomp|omp|iomp5)[^/]*\.so", line)}
-    for path in sorted(paths):
+        return []
+    paths = sorted({line.split()[-1] for line in maps.splitlines()
+                    if re.search(r"/lib(gomp|omp|iomp5)[^/]*\.so", line)})
+    torch_dir = str(Path(torch.__file__).parent)
+    paths = [p for p in paths if p.startswith(torch_dir)] or paths
+    libraries = []
+    for path in paths:
         try:
             library = ctypes.CDLL(path)  # the loaded copy: dlopen of a loaded path returns it
             library.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-            return library
         except (OSError, AttributeError):
             continue
-    return None
+        libraries.append(library)
+    return libraries
 
 
 def set_flush_denormals(on: bool) -> int:
@@ -57,15 +64,13 @@ def set_flush_denormals(on: bool) -> int:
     if not torch.set_flush_denormal(on):
         return 0
     threads = torch.get_num_threads()
-    openmp = _openmp_library() if threads > 1 else None
-    if openmp is None:
-        return 1
-    reached: set[int] = set()
+    reached: set[int] = {threading.get_native_id()}
 
     @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     def on_each_thread(_):  # ctypes takes the GIL for each call
         torch.set_flush_denormal(on)
         reached.add(threading.get_native_id())
 
-    openmp.GOMP_parallel(ctypes.cast(on_each_thread, ctypes.c_void_p), None, threads, 0)
+    for openmp in _openmp_libraries() if threads > 1 else []:
+        openmp.GOMP_parallel(ctypes.cast(on_each_thread, ctypes.c_void_p), None, threads, 0)
     return len(reached)
