@@ -34,9 +34,9 @@ from aaekit.errors import TrainingStopped, UserError
 from aaekit.model import AAE, build_model
 from aaekit.recipe import Recipe, dataset_params
 
-# Recipe keys that may change when a run is resumed: extending it, or checkpointing differently.
-RESUMABLE_CHANGES = {"run.flush_denormals", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.log_every", "train.pictures", "train.imbalance_warning_steps"}
+# Recipe keys that may change when a run is resumed: extending it, checkpointing differently, or a CPU setting.
+RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.log_every", "train.pictures", "train.imbalance_warning_steps", "run.flush_denormals"}
 
 
 def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
