@@ -249,18 +249,14 @@ BREAKDOWN_CATEGORIES = ("matmul", "optimizer", "casts", "data", "other_ops", "au
 def category_of(event) -> str:
     """Everything inside an optimizer's step/zero_grad is the optimizer's (the plain loop's unfused Adam is many
     small operators), everything inside a DataLoader's next() is data loading; else the operator decides."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("Optimizer."):
+    node = event
+    while node is not None:  # the event itself, then its enclosing spans
+        if node.name.startswith("Optimizer."):
             return "optimizer"
-        if "DataLoader" in parent.name:
+        if "DataLoader" in node.name:
             return "data"
-        parent = parent.cpu_parent
+        node = node.cpu_parent
     name = event.name
-    if name.startswith("Optimizer."):
-        return "optimizer"
-    if "DataLoader" in name:
-        return "data"
     if name in MATMUL_NAMES:
         return "matmul"
     if name in CAST_NAMES:
@@ -306,9 +302,9 @@ def time_breakdowns(contenders: dict, cfg: dict) -> dict:
             wall[n] += wall_ms
             for c, v in ms.items():
                 split[n][c] += v
+    total = steps * cfg["breakdown_rounds"]
     out = {}
     for n in contenders:
-        total = steps * cfg["breakdown_rounds"]
         ms = {c: v / total for c, v in split[n].items()}
         ms["python"] = max(0.0, wall[n] / total - sum(ms.values()))
         out[n] = {"profiled_step_ms": wall[n] / total, "ms_per_step": ms}
