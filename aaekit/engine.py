@@ -31,16 +31,22 @@ from aaekit import checkpoint as ckpt
 from aaekit.cpu import keep_freed_memory, set_flush_denormals
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
+from aaekit.master_weights import MasterAdam, MasterWeights
 from aaekit.model import AAE, build_model
 from aaekit.recipe import Recipe, dataset_params
 
 # Recipe keys that may change when a run is resumed: extending it, checkpointing differently, or a CPU setting.
 RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.log_every", "train.pictures", "train.imbalance_warning_steps", "run.flush_denormals"}
+                     "train.log_every", "train.pictures", "train.imbalance_warning_steps", "run.flush_denormals",
+                     "run.bf16_master_weights"}
 
 
-def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device,
+                   masters: MasterWeights | None = None) -> torch.optim.Optimizer:
     kind = settings["name"]
+    if masters is not None:  # bf16 weights with fp32 masters (CPU, bf16): Adam/AdamW only, see uses_master_weights
+        return MasterAdam(params, masters, lr=settings["lr"], betas=tuple(settings["betas"][:2]),
+                          weight_decay=settings["weight_decay"], decoupled=kind == "adamw")
     if kind == "sgd":
         return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
                                nesterov=settings["nesterov"], weight_decay=settings["weight_decay"], foreach=True)
@@ -59,6 +65,14 @@ def hot_path(optimizer, acc: Accelerator):
     direct = (getattr(optimizer, "scaler", None) is None and acc.distributed_type != DistributedType.XLA
               and acc.gradient_accumulation_steps == 1)
     return optimizer.optimizer if direct and hasattr(optimizer, "optimizer") else optimizer
+
+
+def uses_master_weights(values: dict, device: torch.device, phases: list[str]) -> bool:
+    """bf16 on a CPU holds bf16 weights with fp32 masters (aaekit/master_weights.py) unless the recipe turns it off;
+    it covers Adam and AdamW, so a recipe with an SGD phase trains under plain autocast."""
+    run = values["run"]
+    return (device.type == "cpu" and run["mixed_precision"] == "bf16" and run["bf16_master_weights"]
+            and all(values["optim"][phase]["name"] in ("adam", "adamw") for phase in phases))
 
 
 def refuse_lonely_process(num_processes: int) -> None:
@@ -148,21 +162,31 @@ class Trainer:
         self.model: AAE = build_model(recipe, registry, dataset.input_shape, self.num_classes)
         m = self.model
         trainable_heads = {k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())}
+        self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
         optim = values["optim"]
+        phases = ["reconstruction", "discriminator", "generator", *(["classification"] if self.classifying_heads else [])]
+        self.master_weights = None
+        if uses_master_weights(values, self.device, phases):
+            self.master_weights = MasterWeights(m, [m.encoder, m.decoder, *m.discriminators.values(),
+                                                    *trainable_heads.values()])
+        masters = self.master_weights
         self.opt_reconstruction = make_optimizer(
             optim["reconstruction"],
             [*m.encoder.parameters(), *m.decoder.parameters(), *(p for h in trainable_heads.values() for p in h.parameters())],
-            self.device)
+            self.device, masters)
         self.opt_discriminators = {
             c: make_optimizer({**optim["discriminator"], "lr": self.base_lr(f"discriminator.{c}")},
-                              list(d.parameters()), self.device)
+                              list(d.parameters()), self.device, masters)
             for c, d in m.discriminators.items()}
-        self.opt_generator = make_optimizer(optim["generator"], list(m.encoder.parameters()), self.device)
-        self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
+        self.opt_generator = make_optimizer(optim["generator"], list(m.encoder.parameters()), self.device, masters)
         self.opt_classification = (
-            make_optimizer(optim["classification"], list(m.encoder.parameters()), self.device)
+            make_optimizer(optim["classification"], list(m.encoder.parameters()), self.device, masters)
             if self.classifying_heads else None
         )
+        if masters is not None:
+            missing = self.opt_reconstruction.kernel_missing
+            acc.print(f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters, updated by "
+                      + (f"torch operations ({missing})" if missing else "the compiled Adam loop"))
         self.optimizers = {"reconstruction": self.opt_reconstruction, "generator": self.opt_generator,
                            **{f"discriminator.{c}": o for c, o in self.opt_discriminators.items()}}
         if self.opt_classification is not None:

@@ -1,0 +1,158 @@
+"""bf16 on a CPU with fp32 master weights (aaekit/master_weights.py): the same numbers as autocast, checkpoints in
+fp32, exact resume, two ranks, and the torch fallback when no compiler is there."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aaekit.master_weights import MasterAdam, MasterWeights, compiled_kernel
+from conftest import aaekit, aaekit_process, two_code_recipe
+from test_distributed import ONE_THREAD, assert_ranks_identical, launch_two_ranks, metric_lines
+from test_schedule import gaussian_trainer
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the compiled update is built on Linux")
+
+
+def small_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(30, 200), torch.nn.ReLU(), torch.nn.Linear(200, 5), torch.nn.LayerNorm(5))
+
+
+def one_update(decoupled: bool, kernel: bool):
+    """One autocast step of a small net through MasterAdam (compiled loop or torch fallback) and through torch's
+    Adam/AdamW on fp32 weights, from the same weights and batch."""
+    reference, net = small_net(0), small_net(0)
+    masters = MasterWeights(net, [net])
+    opt = MasterAdam(net.parameters(), masters, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, decoupled=decoupled)
+    if not kernel:
+        opt.kernel = None
+    ref_opt = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
+        reference.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
+    x = torch.randn(16, 30, generator=torch.Generator().manual_seed(1))
+    for model, optimizer in ((net, opt), (reference, ref_opt)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().square().mean().backward()
+        optimizer.step()
+    return net, masters, opt, reference
+
+
+@linux_only
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_compiled_update_is_torchs_adam_and_writes_the_rounded_weights(decoupled):
+    assert compiled_kernel()[1] is None, compiled_kernel()[1]  # a C compiler is there: the loop is really built
+    net, masters, opt, reference = one_update(decoupled, kernel=True)
+    assert opt.kernel is not None
+    assert len(masters) == 4  # the two Linear layers' weights and biases; LayerNorm stays fp32
+    assert net[2].weight.dtype == torch.bfloat16 and net[3].weight.dtype == torch.float32
+    weights, expected = net.state_dict(), reference.state_dict()
+    for name, value in expected.items():
+        assert weights[name].dtype == torch.float32
+        # last-bit differences only (one multiplication by a reciprocal where torch divides)
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6)
+        assert not torch.equal(weights[name], small_net(0).state_dict()[name])  # it moved
+    for layer in (net[0], net[2]):  # the bf16 weights are exactly the masters rounded
+        for p in layer.parameters():
+            assert torch.equal(p, masters.master_of[p].to(torch.bfloat16))
+    state = opt.state_dict()["state"][0]
+    assert state["exp_avg"].dtype == torch.float32 and float(state["step"]) == 1.0
+
+
+def test_torch_fallback_is_bit_identical_to_torchs_adam():
+    net, masters, opt, reference = one_update(decoupled=False, kernel=False)
+    weights = net.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
+
+
+def test_optimizer_state_reloads_in_fp32():
+    """torch's load_state_dict casts state to each parameter's dtype; the moments must stay fp32, not bf16."""
+    net, masters, opt, _ = one_update(decoupled=False, kernel=False)
+    saved = opt.state_dict()
+    fresh = MasterAdam(net.parameters(), masters, lr=1e-3)
+    fresh.load_state_dict(saved)
+    for index, p in enumerate(net.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert fresh.state[p][key].dtype == torch.float32
+            assert torch.equal(fresh.state[p][key], saved["state"][index][key])
+
+
+def test_engine_bf16_steps_match_autocast(tmp_path):
+    """Three full steps of the paper's schedule: with master weights (compiled loop, and torch fallback) against
+    plain autocast from the same seed. The fallback is bit-identical; the loop differs in last bits."""
+    runs = {}
+    for name, extra in (("autocast", ["run.bf16_master_weights=false"]), ("loop", []), ("fallback", [])):
+        trainer = gaussian_trainer(tmp_path / name, "run.mixed_precision=bf16", *extra)
+        if name == "fallback":
+            for opt in trainer.optimizers.values():
+                opt.kernel = None
+        assert (trainer.master_weights is None) == (name == "autocast")
+        for _ in range(3):
+            trainer.train_step(trainer.batches.take(20))
+        runs[name] = trainer.model.state_dict()
+    assert runs["loop"].keys() == runs["autocast"].keys()
+    low = [k for k, v in runs["loop"].items() if k.endswith((".weight", ".bias"))]
+    assert low and all(runs["loop"][k].dtype == torch.float32 for k in low)
+    for key, value in runs["autocast"].items():
+        assert torch.equal(runs["fallback"][key], value), key
+        torch.testing.assert_close(runs["loop"][key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_run_resumes_bitwise_and_writes_fp32_weights(tmp_path):
+    """A bf16 run killed after its step-8 checkpoint and resumed ends bit-identical to one run straight
+    through (weights, optimizer state, RNG); every file holds fp32 weights; the checkpoint also resumes under
+    plain autocast (same format)."""
+    recipe = two_code_recipe(tmp_path / "r.toml", data={"limit": 400, "labelled": 60},
+                             run={"seed": 3, "mixed_precision": "bf16"},
+                             train={"batch_size": 20, "max_steps": 16, "log_every": 4, "checkpoint_every": 4})
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    result = aaekit_process("run", str(recipe), "--output-dir", str(straight), env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fp32 masters, updated by the compiled Adam loop" in result.stdout
+    result = aaekit_process("run", str(recipe), "--output-dir", str(broken),
+                            env={"AAEKIT_TEST_SIGNAL_AT": "SIGKILL:10", **ONE_THREAD})
+    assert result.returncode == -9
+    result = aaekit_process("run", str(recipe), "--output-dir", str(broken), "--resume", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = "checkpoints/step-00000016"
+    for name in ("model.safetensors", "optimizers.safetensors", "rng.safetensors", "state.json"):
+        assert (straight / final / name).read_bytes() == (broken / final / name).read_bytes(), name
+    weights = load_file(str(straight / "model.safetensors"))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+    moments = load_file(str(straight / final / "optimizers.safetensors"))
+    assert {v.dtype for v in moments.values()} == {torch.float32}
+
+    # the same checkpoint continues under plain autocast
+    result = aaekit("run", str(recipe), "run.bf16_master_weights=false", "train.max_steps=20", "--output-dir",
+                    str(straight), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metric_lines(straight)[-1]["step"] == 20
+
+
+def test_without_a_compiler_bf16_trains_through_torch(tmp_path):
+    recipe = two_code_recipe(tmp_path / "r.toml", data={"limit": 200}, run={"seed": 3, "mixed_precision": "bf16"},
+                             train={"batch_size": 20, "max_steps": 4, "log_every": 2})
+    result = aaekit_process("run", str(recipe), "--output-dir", str(tmp_path / "run"),
+                            env={"CC": str(tmp_path / "no-such-compiler"), **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "updated by torch operations (compiling failed" in result.stdout, result.stdout[-2000:]
+    assert metric_lines(tmp_path / "run")[-1]["step"] == 4
+
+
+@linux_only
+def test_two_ranks_in_bf16_stay_identical(tmp_path):
+    """Under accelerate launch (two CPU ranks, gloo) DDP averages the bf16 gradients; each rank updates its own
+    masters with the compiled loop, and both end with the same weights."""
+    recipe = two_code_recipe(tmp_path / "r.toml", data={"limit": 400, "labelled": 60},
+                             run={"seed": 3, "mixed_precision": "bf16"},
+                             train={"batch_size": 20, "max_steps": 12, "log_every": 4})
+    dump = tmp_path / "dump"
+    result = launch_two_ranks("run", str(recipe), "--output-dir", str(tmp_path / "run"),
+                              env={"AAEKIT_DUMP_RANKS": str(dump)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fp32 masters, updated by the compiled Adam loop" in result.stdout
+    assert assert_ranks_identical(dump) > 0
+    weights = load_file(str(dump / "rank0.safetensors"))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
