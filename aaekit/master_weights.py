@@ -123,11 +123,31 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("AAEKIT_CACHE_DIR") or Path.home() / ".cache" / "aaekit") / "kernels"
 
 
+def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | None:
+    """Compile the loop to ``target``; returns the reason where that fails. Concurrent builders (several ranks)
+    each compile in a private folder and rename into place."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            source, built = Path(tmp) / "adam_bf16_master.c", Path(tmp) / target.name
+            source.write_text(KERNEL_SOURCE)
+            # Linked against torch's libgomp by path: the loader then reuses the copy torch has already loaded.
+            cmd = [compiler, *flags, str(source), "-o", str(built), str(gomp), f"-Wl,-rpath,{gomp.parent}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                last = (done.stderr or done.stdout).strip().splitlines()[-1:]
+                return f"compiling failed: {last[0] if last else f'exit status {done.returncode}'}"
+            os.replace(built, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"compiling failed ({exc})"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_kernel():
-    """The compiled loop, or None with the reason (no compiler, no torch OpenMP runtime, not Linux, build failed).
-    Built once per machine kind into the cache; concurrent builders (several ranks) each write a private file
-    and rename it into place."""
+    """The compiled loop and None, or None and the reason there is none (not Linux, no torch OpenMP runtime, no
+    compiler, compiling failed). Built once per machine kind into the cache; a cached build that does not load
+    (e.g. truncated) is rebuilt once."""
     if not sys.platform.startswith("linux"):
         return None, "the compiled update is built on Linux only"
     gomp = _torch_openmp()
@@ -136,28 +156,24 @@ def compiled_kernel():
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None, "no C compiler found (set CC)"
-    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
-             "-std=c99"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-mprefer-vector-width=512")  # full-width vectors where the CPU has AVX-512
     key = hashlib.sha256("\n".join([KERNEL_SOURCE, compiler, *flags, str(gomp), _cpu_signature()]).encode())
     target = _cache_dir() / f"adam_bf16_master-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source, built = Path(tmp) / "adam_bf16_master.c", Path(tmp) / target.name
-            source.write_text(KERNEL_SOURCE)
-            # Linked against torch's libgomp by path: the loader then reuses the copy torch has already loaded.
-            cmd = [compiler, *flags, str(source), "-o", str(built), str(gomp), f"-Wl,-rpath,{gomp.parent}"]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                return None, f"compiling failed ({exc})"
-            if done.returncode != 0:
-                return None, f"compiling failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
-            os.replace(built, target)
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        return None, f"loading {target} failed ({exc})"
+    lib = None
+    for attempt in range(2):
+        if not target.exists():
+            problem = _build(target, compiler, flags, gomp)
+            if problem:
+                return None, problem
+        try:
+            lib = ctypes.CDLL(str(target))
+            break
+        except OSError as exc:
+            if attempt:
+                return None, f"loading {target} failed ({exc})"
+            target.unlink(missing_ok=True)
     fn = lib.adam_bf16_master
     pointers = ctypes.POINTER(ctypes.c_void_p)
     fn.argtypes = [ctypes.c_int64, pointers, pointers, pointers, pointers, pointers,
@@ -216,6 +232,9 @@ class MasterAdam(torch.optim.Optimizer):
                                   "decoupled": decoupled})
         self.masters = masters
         self.kernel, self.kernel_missing = compiled_kernel()
+        # The loop's pointer arrays for everything but the gradients, per set of parameters that had gradients
+        # (rebuilt after load_state_dict replaces the state tensors).
+        self._pointers: dict[tuple[int, ...], tuple] = {}
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -255,20 +274,34 @@ class MasterAdam(torch.optim.Optimizer):
                               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _kernel_adam(self, group: dict, low: list) -> None:
-        states = [self._state(p) for p in low]
+        key = tuple(map(id, low))
+        pointers = self._pointers.get(key)
+        if pointers is None:
+            states = [self._state(p) for p in low]
+            pointers = (_pointer_array([self.masters.master_of[p] for p in low]),
+                        _pointer_array([s["exp_avg"] for s in states]), _pointer_array([s["exp_avg_sq"] for s in states]),
+                        _pointer_array(low), (ctypes.c_int64 * len(low))(*(p.numel() for p in low)),
+                        _pointer_array([s["step"] for s in states]))
+            self._pointers[key] = pointers
+        masters, exp_avgs, exp_avg_sqs, weights, numels, steps = pointers
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in low]
         beta1, beta2 = group["betas"]
-        self.kernel(len(low), _pointer_array([self.masters.master_of[p] for p in low]),
-                    _pointer_array([s["exp_avg"] for s in states]), _pointer_array([s["exp_avg_sq"] for s in states]),
-                    _pointer_array(grads), _pointer_array(low),
-                    (ctypes.c_int64 * len(low))(*(p.numel() for p in low)),
-                    _pointer_array([s["step"] for s in states]), group["lr"], beta1, beta2, group["eps"],
-                    group["weight_decay"], int(group["decoupled"]))
+        self.kernel(len(low), masters, exp_avgs, exp_avg_sqs, _pointer_array(grads), weights, numels, steps,
+                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"], int(group["decoupled"]))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad, without its profiler span and per-call checks (called three times a training step)."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none=False)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts loaded state to each parameter's dtype, which would round Adam's moments to bf16 here; they
         are put back in fp32 from the saved values."""
         super().load_state_dict(state_dict)
+        self._pointers.clear()
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for saved_id, p in zip(saved_ids, params):

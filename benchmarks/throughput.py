@@ -469,12 +469,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="aaekit-bench-"))
 
     fp32 = make_trainer(recipe_overrides(cfg), work / "fp32")
+    autocast = None
     contenders = {"aaekit_fp32": EngineSteps(fp32)}
     # fp16 needs a GPU (Accelerate's gradient scaler); bf16 runs on both.
     mixed = ("bf16", "fp16") if DEVICE.type == "cuda" else ("bf16",)
     for precision in mixed:
         trainer = make_trainer(recipe_overrides(cfg, f"run.mixed_precision={precision}"), work / precision)
         contenders[f"aaekit_{precision}"] = EngineSteps(trainer)
+    if DEVICE.type == "cpu":  # bf16 on a CPU holds bf16 weights with fp32 masters; plain autocast beside it
+        assert trainer.master_weights is not None
+        autocast = make_trainer(recipe_overrides(cfg, "run.mixed_precision=bf16", "run.bf16_master_weights=false"),
+                                work / "bf16-autocast")
+        contenders["aaekit_bf16_autocast"] = EngineSteps(autocast)
     contenders["plain_fp32"] = PlainLoop(fp32.dataset.load("train").x, cfg["hidden"], cfg["batch"])
 
     # Where each step's time goes. (Before denormal flushing, Adam and the casts profiled here after the timing
@@ -485,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = {n: sorted({str(a[2]).removeprefix("torch.") for _, spec, _ in calls for a in spec
                          if isinstance(a, tuple) and len(a) == 3}) for n, (calls, _) in profiles.items()}
     assert dtypes["aaekit_fp32"] == ["float32"] and "bfloat16" in dtypes["aaekit_bf16"], dtypes
+    assert "aaekit_bf16_autocast" not in dtypes or "bfloat16" in dtypes["aaekit_bf16_autocast"], dtypes
     assert "aaekit_fp16" not in dtypes or "float16" in dtypes["aaekit_fp16"], dtypes
     replays = {f"ceiling_{n}": MatmulReplay(calls) for n, (calls, _) in profiles.items()}
     timed = alternate({**contenders, **replays}, cfg)
@@ -511,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         speedups[f"{n}_vs_plain_fp32_per_round"] = [p / a for a, p in zip(timed[n], timed["plain_fp32"])]
 
     # A short loss curve, bf16 (and fp16 on a GPU) against fp32, from the same seed and the same batches.
-    del fp32, trainer, contenders
+    del fp32, trainer, contenders, autocast
     curves = {}
     for name in ("fp32", *mixed):
         extra = [] if name == "fp32" else [f"run.mixed_precision={name}"]
@@ -532,7 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         "setting": {"recipe": "recipes/gaussian.toml", "encoder": [784, cfg["hidden"], cfg["hidden"], 8],
                     "decoder": [8, cfg["hidden"], cfg["hidden"], 784],
                     "discriminator": [8, cfg["hidden"], cfg["hidden"], 1], "batch": batch,
-                    "optimizer": "adam", "rounds": cfg["rounds"], "steps_per_round": cfg["steps"],
+                    "optimizer": "adam",
+                    "bf16": ("bf16 weights with fp32 masters, compiled Adam loop (run.bf16_master_weights); "
+                             "aaekit_bf16_autocast: plain autocast" if DEVICE.type == "cpu" else "autocast"),
+                    "rounds": cfg["rounds"], "steps_per_round": cfg["steps"],
                     "warmup_steps": cfg["warmup"], "statistic": "median over alternating rounds",
                     # both are process-wide: the plain loop, timed in the same process, gains from the
                     # engine's CPU settings too, so the speed-ups are conservative
@@ -561,15 +571,15 @@ def print_table(report: dict) -> None:
     m = report["machine"]
     gpu = f"{m['gpu']} (GPU); " if m.get("gpu") else ""
     print(f"\n{gpu}{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; load {m['load_average_at_start']}")
-    print(f"{'contender':<14}{'samples/s':>11}{'step ms':>9}{'GFLOP/s':>9}{'ceiling':>9}{'of ceiling':>11}")
+    print(f"{'contender':<21}{'samples/s':>11}{'step ms':>9}{'GFLOP/s':>9}{'ceiling':>9}{'of ceiling':>11}")
     for n, r in report["results"].items():
-        print(f"{n:<14}{r['samples_per_s']:>11.0f}{r['step_ms']:>9.1f}{r['gflops']:>9.1f}"
+        print(f"{n:<21}{r['samples_per_s']:>11.0f}{r['step_ms']:>9.1f}{r['gflops']:>9.1f}"
               f"{r['ceiling_gflops']:>9.1f}{100 * r['fraction_of_ceiling']:>10.0f}%")
     print(f"\nwhere a step's time goes (ms, profiled; {'host time' if m.get('gpu') else 'CPU'}):")
-    print(f"{'contender':<14}" + "".join(f"{c:>10}" for c in BREAKDOWN_CATEGORIES) + f"{'total':>8}")
+    print(f"{'contender':<21}" + "".join(f"{c:>10}" for c in BREAKDOWN_CATEGORIES) + f"{'total':>8}")
     for n, r in report["results"].items():
         b = r["time_breakdown"]
-        print(f"{n:<14}" + "".join(f"{b['ms_per_step'][c]:>10.2f}" for c in BREAKDOWN_CATEGORIES)
+        print(f"{n:<21}" + "".join(f"{b['ms_per_step'][c]:>10.2f}" for c in BREAKDOWN_CATEGORIES)
               + f"{b['profiled_step_ms']:>8.1f}")
     print("   ".join(f"{k.removesuffix('_vs_plain_fp32').replace('_', ' ')} / plain fp32: {v:.2f}x"
                        for k, v in report["speedups"].items() if not k.endswith("_per_round")))

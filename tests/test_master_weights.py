@@ -156,3 +156,25 @@ def test_two_ranks_in_bf16_stay_identical(tmp_path):
     assert assert_ranks_identical(dump) > 0
     weights = load_file(str(dump / "rank0.safetensors"))
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
+KERNEL_STATUS = "from aaekit.master_weights import compiled_kernel; fn, why = compiled_kernel(); print(fn is not None, why)"
+
+
+@linux_only
+def test_a_broken_cached_build_is_rebuilt_and_an_unwritable_cache_falls_back(tmp_path):
+    import subprocess
+
+    def status(cache) -> str:
+        env = {**__import__("os").environ, "AAEKIT_CACHE_DIR": str(cache)}
+        return subprocess.run([sys.executable, "-c", KERNEL_STATUS], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert status(tmp_path / "cache") == "True None"
+    (built,) = (tmp_path / "cache" / "kernels").glob("*.so")
+    built.write_bytes(built.read_bytes()[:64])  # truncated, as by a full disk
+    assert status(tmp_path / "cache") == "True None"
+    assert built.stat().st_size > 64
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert status(blocker).startswith("False compiling failed")  # the cache folder cannot be created
