@@ -31,7 +31,7 @@ from aaekit import checkpoint as ckpt
 from aaekit.cpu import keep_freed_memory, set_flush_denormals
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
-from aaekit.master_weights import MasterAdam, MasterWeights
+from aaekit.master_weights import MasterAdam, MasterSGD, MasterWeights, compiled_kernel
 from aaekit.model import AAE, build_model
 from aaekit.recipe import Recipe, dataset_params
 
@@ -44,7 +44,10 @@ RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every"
 def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device,
                    masters: MasterWeights | None = None) -> torch.optim.Optimizer:
     kind = settings["name"]
-    if masters is not None:  # bf16 weights with fp32 masters (CPU, bf16): Adam/AdamW only, see uses_master_weights
+    if masters is not None and kind == "sgd":  # bf16 weights with fp32 masters (bf16 on a CPU)
+        return MasterSGD(params, masters, lr=settings["lr"], momentum=settings["momentum"],
+                         nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+    if masters is not None:
         return MasterAdam(params, masters, lr=settings["lr"], betas=tuple(settings["betas"][:2]),
                           weight_decay=settings["weight_decay"], decoupled=kind == "adamw")
     if kind == "sgd":
@@ -67,12 +70,10 @@ def hot_path(optimizer, acc: Accelerator):
     return optimizer.optimizer if direct and hasattr(optimizer, "optimizer") else optimizer
 
 
-def uses_master_weights(values: dict, device: torch.device, phases: list[str]) -> bool:
-    """bf16 on a CPU holds bf16 weights with fp32 masters (aaekit/master_weights.py) unless the recipe turns it off;
-    it covers Adam and AdamW, so a recipe with an SGD phase trains under plain autocast."""
+def uses_master_weights(values: dict, device: torch.device) -> bool:
+    """bf16 on a CPU holds bf16 weights with fp32 masters (aaekit/master_weights.py) unless the recipe turns it off."""
     run = values["run"]
-    return (device.type == "cpu" and run["mixed_precision"] == "bf16" and run["bf16_master_weights"]
-            and all(values["optim"][phase]["name"] in ("adam", "adamw") for phase in phases))
+    return device.type == "cpu" and run["mixed_precision"] == "bf16" and run["bf16_master_weights"]
 
 
 def refuse_lonely_process(num_processes: int) -> None:
@@ -164,9 +165,8 @@ class Trainer:
         trainable_heads = {k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())}
         self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
         optim = values["optim"]
-        phases = ["reconstruction", "discriminator", "generator", *(["classification"] if self.classifying_heads else [])]
         self.master_weights = None
-        if uses_master_weights(values, self.device, phases):
+        if uses_master_weights(values, self.device):
             self.master_weights = MasterWeights(m, [m.encoder, m.decoder, *m.discriminators.values(),
                                                     *trainable_heads.values()])
         masters = self.master_weights
@@ -184,9 +184,9 @@ class Trainer:
             if self.classifying_heads else None
         )
         if masters is not None:
-            missing = self.opt_reconstruction.kernel_missing
-            acc.print(f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters, updated by "
-                      + (f"torch operations ({missing})" if missing else "the compiled Adam loop"))
+            missing = compiled_kernel()[1]
+            acc.print(f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters; Adam updates them "
+                      + (f"with torch operations ({missing})" if missing else "with the compiled loop"))
         self.optimizers = {"reconstruction": self.opt_reconstruction, "generator": self.opt_generator,
                            **{f"discriminator.{c}": o for c, o in self.opt_discriminators.items()}}
         if self.opt_classification is not None:

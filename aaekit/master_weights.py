@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 from torch.optim.adam import adam as functional_adam
+from torch.optim.sgd import sgd as functional_sgd
 from torch import nn
 
-# Modules whose weights autocast casts to bf16 on a CPU.
-LOW_PRECISION_MODULES = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+# Modules whose operators autocast runs in bf16 on a CPU (casting fp32 inputs and leaving bf16 weights alone; not
+# nn.Bilinear, for example, which then fails on mixed dtypes). tests/test_master_weights.py runs each.
+LOW_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # Adam on fp32 masters from bf16 gradients, writing the bf16 weights. Bias corrections in double as torch does;
@@ -221,28 +223,23 @@ class MasterWeights:
                     master.copy_(value)  # the bf16 weight is then filled from the same value by load_state_dict
 
 
-class MasterAdam(torch.optim.Optimizer):
-    """Adam (or AdamW, ``decoupled=True``) over a model's parameters where some are bf16 weights with fp32 masters
-    (``MasterWeights``): those are updated through their masters, the rest as plain fp32 parameters (torch's
-    fused Adam). Several optimizers may share one ``MasterWeights`` (the encoder is updated by three phases)."""
+class MasterOptimizer(torch.optim.Optimizer):
+    """An optimizer over a model's parameters where some are bf16 weights with fp32 masters (``MasterWeights``):
+    those are updated through their masters, the rest as plain fp32 parameters. Several optimizers may share one
+    ``MasterWeights`` (the encoder is updated by three phases). Its state has the layout of the torch optimizer it
+    stands for, in fp32. Subclasses give the update as torch operations (``torch_update``); ``fast_update`` may take
+    the bf16 weights in one pass instead."""
 
-    def __init__(self, params, masters: MasterWeights, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = False):
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                                  "decoupled": decoupled})
+    def __init__(self, params, masters: MasterWeights, defaults: dict):
+        super().__init__(params, defaults)
         self.masters = masters
-        self.kernel, self.kernel_missing = compiled_kernel()
-        # The loop's pointer arrays for everything but the gradients, per set of parameters that had gradients
-        # (rebuilt after load_state_dict replaces the state tensors).
-        self._pointers: dict[tuple[int, ...], tuple] = {}
 
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
-        return state
+    def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
+        raise NotImplementedError
+
+    def fast_update(self, group: dict, low: list) -> bool:
+        """Update the bf16 weights ``low`` and their masters in one pass; False where it cannot."""
+        return False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -256,24 +253,65 @@ class MasterAdam(torch.optim.Optimizer):
                 if p.grad is not None:
                     (low if p in self.masters.master_of else full).append(p)
             if full:
-                self._torch_adam(group, full, [p.grad for p in full], full)
-            if low and self.kernel is not None:
-                self._kernel_adam(group, low)
-            elif low:
+                self.torch_update(group, full, [p.grad for p in full], full)
+            if low and not self.fast_update(group, low):
                 masters = [self.masters.master_of[p] for p in low]
-                self._torch_adam(group, masters, [p.grad.float() for p in low], low)
+                self.torch_update(group, masters, [p.grad.float() for p in low], low)
                 torch._foreach_copy_(low, masters)
         return loss
 
-    def _torch_adam(self, group: dict, params: list, grads: list, owners: list) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad, without its profiler span and per-call checks (called three times a training step)."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none=False)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded state to each parameter's dtype, which would round the fp32 state of bf16 weights to
+        bf16; it is put back in fp32 from the saved values."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.detach().to(torch.float32, copy=True)
+
+
+class MasterAdam(MasterOptimizer):
+    """Adam (AdamW with ``decoupled=True``): bf16 weights through the compiled loop where it is built, else (and
+    fp32 parameters always) torch's fused Adam."""
+
+    def __init__(self, params, masters: MasterWeights, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled: bool = False):
+        super().__init__(params, masters, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                           "weight_decay": weight_decay, "decoupled": decoupled})
+        self.kernel, self.kernel_missing = compiled_kernel()
+        # The loop's pointer arrays for everything but the gradients, per set of parameters that had gradients
+        # (rebuilt after load_state_dict replaces the state tensors).
+        self._pointers: dict[tuple[int, ...], tuple] = {}
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+        return state
+
+    def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
         states = [self._state(p) for p in owners]
         beta1, beta2 = group["betas"]
         functional_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-                              [s["step"] for s in states], fused=True, decoupled_weight_decay=group["decoupled"],
-                              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+                        [s["step"] for s in states], fused=True, decoupled_weight_decay=group["decoupled"],
+                        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
-    def _kernel_adam(self, group: dict, low: list) -> None:
+    def fast_update(self, group: dict, low: list) -> bool:
+        if self.kernel is None:
+            return False
         key = tuple(map(id, low))
         pointers = self._pointers.get(key)
         if pointers is None:
@@ -288,23 +326,28 @@ class MasterAdam(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         self.kernel(len(low), masters, exp_avgs, exp_avg_sqs, _pointer_array(grads), weights, numels, steps,
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"], int(group["decoupled"]))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad, without its profiler span and per-call checks (called three times a training step)."""
-        if not set_to_none:
-            return super().zero_grad(set_to_none=False)
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        return True
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded state to each parameter's dtype, which would round Adam's moments to bf16 here; they
-        are put back in fp32 from the saved values."""
         super().load_state_dict(state_dict)
         self._pointers.clear()
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.detach().to(torch.float32, copy=True)
+
+
+class MasterSGD(MasterOptimizer):
+    """SGD with momentum (torch's foreach SGD on the masters, then the bf16 weights rounded from them): the
+    semi-supervised recipes' classification phase."""
+
+    def __init__(self, params, masters: MasterWeights, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__(params, masters, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                           "weight_decay": weight_decay})
+
+    def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
+        states = [self.state[p] for p in owners]
+        buffers = [s.get("momentum_buffer") for s in states]
+        functional_sgd(params, grads, buffers, foreach=True, weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=group["nesterov"],
+                       maximize=False)
+        if group["momentum"]:
+            for state, buffer in zip(states, buffers):  # created on the first step
+                state["momentum_buffer"] = buffer

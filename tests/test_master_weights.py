@@ -9,12 +9,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aaekit.master_weights import MasterAdam, MasterWeights, compiled_kernel
-from conftest import aaekit, aaekit_process, two_code_recipe
+from aaekit.master_weights import LOW_PRECISION_MODULES, MasterAdam, MasterSGD, MasterWeights, compiled_kernel
+from conftest import aaekit, aaekit_process, prepared_trainer, two_code_recipe
 from test_distributed import ONE_THREAD, assert_ranks_identical, launch_two_ranks, metric_lines
 from test_schedule import gaussian_trainer
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the compiled update is built on Linux")
+
+
+def test_every_low_precision_module_runs_under_autocast_with_bf16_weights():
+    """Autocast must take fp32 inputs to these modules' bf16 weights; one it does not cover would fail here."""
+    for cls in LOW_PRECISION_MODULES:
+        if cls is torch.nn.Linear:
+            module, x = cls(4, 3), torch.randn(2, 4)
+        else:
+            dims = int(cls.__name__[-2])
+            module, x = cls(2, 3, 3), torch.randn(1, 2, *([6] * dims))
+        expected = module(x)
+        module.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+        assert y.dtype == torch.bfloat16, cls
+        torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
 
 
 def small_net(seed: int) -> torch.nn.Module:
@@ -67,6 +83,26 @@ def test_torch_fallback_is_bit_identical_to_torchs_adam():
     assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
 
 
+def test_sgd_with_momentum_through_masters_is_bit_identical_to_torchs():
+    reference, net = small_net(0), small_net(0)
+    masters = MasterWeights(net, [net])
+    opt = MasterSGD(net.parameters(), masters, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3,
+                              foreach=True)
+    x = torch.randn(16, 30, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for model, optimizer in ((net, opt), (reference, ref_opt)):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x).float().square().mean().backward()
+            optimizer.step()
+    weights = net.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
+    assert net[0].weight.dtype == torch.bfloat16
+    buffers = opt.state_dict()["state"]
+    assert len(buffers) == 6 and all(s["momentum_buffer"].dtype == torch.float32 for s in buffers.values())
+
+
 def test_optimizer_state_reloads_in_fp32():
     """torch's load_state_dict casts state to each parameter's dtype; the moments must stay fp32, not bf16."""
     net, masters, opt, _ = one_update(decoupled=False, kernel=False)
@@ -79,12 +115,20 @@ def test_optimizer_state_reloads_in_fp32():
             assert torch.equal(fresh.state[p][key], saved["state"][index][key])
 
 
-def test_engine_bf16_steps_match_autocast(tmp_path):
-    """Three full steps of the paper's schedule: with master weights (compiled loop, and torch fallback) against
-    plain autocast from the same seed. The fallback is bit-identical; the loop differs in last bits."""
+@pytest.mark.parametrize("recipe", ["gaussian", "semi-supervised with SGD"])
+def test_engine_bf16_steps_match_autocast(tmp_path, recipe):
+    """Three full steps of the paper's schedule (the semi-supervised one: two codes, a classification phase with
+    SGD + momentum): with master weights (compiled loop, and torch fallback) against plain autocast from the same
+    seed. The fallback is bit-identical; the loop differs in last bits."""
     runs = {}
     for name, extra in (("autocast", ["run.bf16_master_weights=false"]), ("loop", []), ("fallback", [])):
-        trainer = gaussian_trainer(tmp_path / name, "run.mixed_precision=bf16", *extra)
+        if recipe == "gaussian":
+            trainer = gaussian_trainer(tmp_path / name, "run.mixed_precision=bf16", *extra)
+        else:
+            path = two_code_recipe(tmp_path / f"{name}.toml", data={"limit": 300, "labelled": 60},
+                                   optim={"classification": {"name": "sgd", "lr": 0.05, "momentum": 0.9}})
+            trainer = prepared_trainer(path, tmp_path / name, ["run.mixed_precision=bf16", "train.batch_size=20",
+                                                               *extra])
         if name == "fallback":
             for opt in trainer.optimizers.values():
                 opt.kernel = None
@@ -110,7 +154,7 @@ def test_bf16_run_resumes_bitwise_and_writes_fp32_weights(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     result = aaekit_process("run", str(recipe), "--output-dir", str(straight), env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "fp32 masters, updated by the compiled Adam loop" in result.stdout
+    assert "fp32 masters; Adam updates them with the compiled loop" in result.stdout
     result = aaekit_process("run", str(recipe), "--output-dir", str(broken),
                             env={"AAEKIT_TEST_SIGNAL_AT": "SIGKILL:10", **ONE_THREAD})
     assert result.returncode == -9
@@ -137,7 +181,7 @@ def test_without_a_compiler_bf16_trains_through_torch(tmp_path):
     result = aaekit_process("run", str(recipe), "--output-dir", str(tmp_path / "run"),
                             env={"CC": str(tmp_path / "no-such-compiler"), **ONE_THREAD})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "updated by torch operations (compiling failed" in result.stdout, result.stdout[-2000:]
+    assert "Adam updates them with torch operations (compiling failed" in result.stdout, result.stdout[-2000:]
     assert metric_lines(tmp_path / "run")[-1]["step"] == 4
 
 
@@ -152,7 +196,7 @@ def test_two_ranks_in_bf16_stay_identical(tmp_path):
     result = launch_two_ranks("run", str(recipe), "--output-dir", str(tmp_path / "run"),
                               env={"AAEKIT_DUMP_RANKS": str(dump)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "fp32 masters, updated by the compiled Adam loop" in result.stdout
+    assert "fp32 masters; Adam updates them with the compiled loop" in result.stdout
     assert assert_ranks_identical(dump) > 0
     weights = load_file(str(dump / "rank0.safetensors"))
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
