@@ -9,8 +9,8 @@ in one pass over memory. The arithmetic is autocast's: the same bf16 rounding of
 bf16 products, the same fp32 Adam.
 
 The model's ``state_dict`` returns the fp32 masters and ``load_state_dict`` fills them, so checkpoints and
-``model.safetensors`` hold fp32 weights as in every other mode (a run may resume in either mode). The optimizer's
-state has torch's Adam layout (``step``, ``exp_avg``, ``exp_avg_sq``, fp32).
+``model.safetensors`` hold fp32 weights as in every other mode (a run may resume in either mode). The optimizers'
+state has the layout of torch's Adam and SGD (``step``, ``exp_avg``, ``exp_avg_sq``; ``momentum_buffer``), in fp32.
 
 The loop is C, compiled once per machine with the system's C compiler into aaekit's cache and loaded with ctypes
 (no Python object is deserialised). It runs on torch's OpenMP threads. Without a compiler, or without torch's
@@ -45,8 +45,8 @@ LOW_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
 # Adam on fp32 masters from bf16 gradients, writing the bf16 weights. Bias corrections in double as torch does;
 # bf16 rounding to nearest even, NaN kept NaN (torch's conversion). The inner loop has no aliasing and no
 # branches, so the compiler vectorises it; it multiplies by 1/sqrt(bias correction 2) where torch divides (one
-# vector division less per element: 3.4 -> 2.6 ms for the paper's 6.4 M updates a step on a 2-core Xeon, 20 %
-# under torch's fused Adam; the results differ from torch's in the last bit now and then).
+# vector division less per element: 3.4 -> 2.6 ms for the paper's 6.4 M updates a step on a 2-core Xeon, where
+# torch's fused Adam on fp32 weights takes 3.2 ms; the results differ from torch's in the last bit now and then).
 KERNEL_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -288,7 +288,7 @@ class MasterAdam(MasterOptimizer):
                  weight_decay: float = 0.0, decoupled: bool = False):
         super().__init__(params, masters, {"lr": lr, "betas": tuple(betas), "eps": eps,
                                            "weight_decay": weight_decay, "decoupled": decoupled})
-        self.kernel, self.kernel_missing = compiled_kernel()
+        self.kernel = compiled_kernel()[0]
         # The loop's pointer arrays for everything but the gradients, per set of parameters that had gradients
         # (rebuilt after load_state_dict replaces the state tensors).
         self._pointers: dict[tuple[int, ...], tuple] = {}
