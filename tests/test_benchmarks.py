@@ -41,9 +41,6 @@ def test_throughput_quick_writes_every_figure(tmp_path, capsys):
     assert report["results"]["plain_fp32"]["time_breakdown"]["ms_per_step"]["data"] > 0  # its DataLoader
     assert report["results"]["aaekit_fp32"]["time_breakdown"]["ms_per_step"]["data"] == 0  # an index, no loader
     assert "bfloat16" in report["results"]["aaekit_bf16"]["matmul_dtypes"]
-    # bf16 on a CPU: weights held in bf16, so the only casts left are the inputs' and outputs'
-    casts = {n: report["results"][n]["time_breakdown"]["ms_per_step"]["casts"] for n in ("aaekit_bf16", "aaekit_bf16_autocast")}
-    assert casts["aaekit_bf16"] < casts["aaekit_bf16_autocast"], casts
     assert {"aaekit_fp32_vs_plain_fp32", "aaekit_bf16_vs_plain_fp32"} <= set(report["speedups"])
     curve = report["bf16_loss_curve"]
     assert len(curve["fp32"]) == len(curve["bf16"]) > 0

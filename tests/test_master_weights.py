@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from safetensors.torch import load_file
 
 from aaekit.master_weights import LOW_PRECISION_MODULES, MasterAdam, MasterSGD, MasterWeights, compiled_kernel
@@ -142,6 +143,38 @@ def test_engine_bf16_steps_match_autocast(tmp_path, recipe):
     for key, value in runs["autocast"].items():
         assert torch.equal(runs["fallback"][key], value), key
         torch.testing.assert_close(runs["loop"][key], value, rtol=1e-3, atol=1e-5)
+
+
+class ConvertedShapes(TorchDispatchMode):
+    """Shapes of the tensors converted between dtypes (casts) by the operators that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype != args[0].dtype:
+            self.shapes.add(tuple(out.shape))
+        elif func is torch.ops.aten.copy_.default and args[0].dtype != args[1].dtype:
+            self.shapes.add(tuple(args[0].shape))
+        return out
+
+
+def test_an_engine_step_casts_no_weight(tmp_path):
+    """Under plain autocast every linear weight is cast in every step; with master weights none is (the data and
+    the outputs still are)."""
+    converted = {}
+    for name, extra in (("autocast", ["run.bf16_master_weights=false"]), ("masters", [])):
+        trainer = gaussian_trainer(tmp_path / name, "run.mixed_precision=bf16", *extra)
+        trainer.train_step(trainer.batches.take(20))
+        with ConvertedShapes() as mode:
+            trainer.train_step(trainer.batches.take(20))
+        converted[name] = mode.shapes
+        weights = {tuple(p.shape) for n, p in trainer.model.named_parameters() if n.endswith(".weight")}
+    assert weights and weights <= converted["autocast"]
+    assert not weights & converted["masters"], weights & converted["masters"]
+    assert converted["masters"]  # the inputs are still cast
 
 
 def test_bf16_run_resumes_bitwise_and_writes_fp32_weights(tmp_path):
