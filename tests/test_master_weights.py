@@ -61,6 +61,9 @@ def one_update(decoupled: bool, kernel: bool):
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_compiled_update_is_torchs_adam_and_writes_the_rounded_weights(decoupled):
     assert compiled_kernel()[1] is None, compiled_kernel()[1]  # a C compiler is there: the loop is really built
+    # it shares torch's OpenMP runtime instead of loading a second one (two thread pools would fight for the cores)
+    maps = open("/proc/self/maps").read().splitlines()
+    assert len({line.split()[-1] for line in maps if "libgomp" in line}) == 1
     net, masters, opt, reference = one_update(decoupled, kernel=True)
     assert opt.kernel is not None
     assert len(masters) == 4  # the two Linear layers' weights and biases; LayerNorm stays fp32
