@@ -6,13 +6,21 @@ accepts, checked before anything is built) and a one-line docstring shown by ``a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from aaekit.params import Param
+
+
+def cache_dir() -> Path:
+    """Where aaekit and its plugins keep files they derive and can derive again (decoded datasets, the compiled
+    optimizer loop): ``$AAEKIT_CACHE_DIR``, else ``~/.cache/aaekit``."""
+    return Path(os.environ.get("AAEKIT_CACHE_DIR") or Path.home() / ".cache" / "aaekit")
 
 
 @dataclass(frozen=True)

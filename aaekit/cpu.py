@@ -26,9 +26,9 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def _openmp_libraries() -> list[ctypes.CDLL]:
-    """The OpenMP runtimes this process has loaded (libgomp, or an LLVM/Intel one: all export GOMP_parallel): torch's
-    own copy where its wheel brings one, else every one loaded (a build that links the system's)."""
+def openmp_runtimes() -> list[Path]:
+    """The OpenMP runtimes this process has loaded (libgomp, or an LLVM/Intel one: all export the GOMP_ entry
+    points): torch's own copy where its wheel brings one, else every one loaded (a build that links the system's)."""
     import torch
 
     try:
@@ -38,11 +38,14 @@ def _openmp_libraries() -> list[ctypes.CDLL]:
     paths = sorted({line.split()[-1] for line in maps.splitlines()
                     if re.search(r"/lib(gomp|omp|iomp5)[^/]*\.so", line)})
     torch_dir = str(Path(torch.__file__).parent)
-    paths = [p for p in paths if p.startswith(torch_dir)] or paths
+    return [Path(p) for p in ([p for p in paths if p.startswith(torch_dir)] or paths)]
+
+
+def _openmp_libraries() -> list[ctypes.CDLL]:
     libraries = []
-    for path in paths:
+    for path in openmp_runtimes():
         try:
-            library = ctypes.CDLL(path)  # the loaded copy: dlopen of a loaded path returns it
+            library = ctypes.CDLL(str(path))  # the loaded copy: dlopen of a loaded path returns it
             library.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         except (OSError, AttributeError):
             continue

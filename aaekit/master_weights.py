@@ -37,6 +37,9 @@ from torch.optim.adam import adam as functional_adam
 from torch.optim.sgd import sgd as functional_sgd
 from torch import nn
 
+from aaekit.contracts import cache_dir
+from aaekit.cpu import openmp_runtimes
+
 # Modules whose operators autocast runs in bf16 on a CPU (casting fp32 inputs and leaving bf16 weights alone; not
 # nn.Bilinear, for example, which then fails on mixed dtypes). tests/test_master_weights.py runs each.
 LOW_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
@@ -102,13 +105,6 @@ void adam_bf16_master(int64_t count, float **w, float **m, float **v, const uint
 """
 
 
-def _torch_openmp() -> Path | None:
-    """torch's own OpenMP runtime (its wheels bring a renamed libgomp): the loop links against it so that it
-    shares torch's threads instead of starting a second pool."""
-    libs = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
-    return libs[0] if libs else None
-
-
 def _cpu_signature() -> str:
     """Built with -march=native, so a build is only reused on a CPU with the same model and features (a cache
     folder shared by several machines holds one build per kind)."""
@@ -119,10 +115,6 @@ def _cpu_signature() -> str:
     model = re.search(r"^model name\s*:(.*)$", info, re.M)
     flags = re.search(r"^flags\s*:(.*)$", info, re.M)
     return f"{model.group(1) if model else ''}|{flags.group(1) if flags else ''}"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("AAEKIT_CACHE_DIR") or Path.home() / ".cache" / "aaekit") / "kernels"
 
 
 def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | None:
@@ -152,9 +144,11 @@ def compiled_kernel():
     (e.g. truncated) is rebuilt once."""
     if not sys.platform.startswith("linux"):
         return None, "the compiled update is built on Linux only"
-    gomp = _torch_openmp()
-    if gomp is None:
-        return None, "torch brings no OpenMP runtime to share threads with"
+    # The loop links against the OpenMP runtime torch has loaded, so it shares torch's threads (no second pool).
+    runtimes = openmp_runtimes()
+    if not runtimes:
+        return None, "torch has loaded no OpenMP runtime to share threads with"
+    gomp = runtimes[0]
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None, "no C compiler found (set CC)"
@@ -162,7 +156,7 @@ def compiled_kernel():
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=512")  # full-width vectors where the CPU has AVX-512
     key = hashlib.sha256("\n".join([KERNEL_SOURCE, compiler, *flags, str(gomp), _cpu_signature()]).encode())
-    target = _cache_dir() / f"adam_bf16_master-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"adam_bf16_master-{key.hexdigest()[:16]}.so"
     lib = None
     for attempt in range(2):
         if not target.exists():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aaekit.contracts import ArrayData, Dataset
+from aaekit.contracts import ArrayData, Dataset, cache_dir
 from aaekit.errors import UserError
 from aaekit.hookspecs import hookimpl
 from aaekit.params import Param
@@ -24,10 +24,6 @@ FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AAEKIT_CACHE_DIR") or Path.home() / ".cache" / "aaekit")
 
 
 def read_idx(path: Path) -> np.ndarray:

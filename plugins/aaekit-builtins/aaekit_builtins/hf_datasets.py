@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aaekit.contracts import ArrayData, Dataset
+from aaekit.contracts import ArrayData, Dataset, cache_dir
 from aaekit.errors import UserError
 from aaekit.hookspecs import hookimpl
 from aaekit.params import Param
-from aaekit_builtins.datasets import cache_dir, read_arrow, write_arrow
+from aaekit_builtins.datasets import read_arrow, write_arrow
 
 CONVERTER_VERSION = 1  # bump when the cached layout or the preprocessing changes meaning
 CHUNK_ROWS = 4096
