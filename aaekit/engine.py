@@ -31,7 +31,7 @@ from aaekit import checkpoint as ckpt
 from aaekit.cpu import keep_freed_memory, set_flush_denormals
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
-from aaekit.master_weights import MasterAdam, MasterSGD, MasterWeights, compiled_kernel
+from aaekit.master_weights import MasterAdam, MasterSGD, MasterWeights, compiled_kernel, mean_gradients_in_fp32
 from aaekit.model import AAE, build_model
 from aaekit.recipe import Recipe, dataset_params
 
@@ -223,6 +223,13 @@ class Trainer:
         rest = prepared[2 + len(disc_names):]
         self.heads = {k: h for k, h in m.heads.items()}
         self.heads.update(dict(zip(head_names, rest[:len(head_names)])))
+        if self.master_weights is not None:  # bf16 gradients: the ranks' mean is taken in fp32 and rounded once
+            wrapped = [d for d in prepared[:2 + len(disc_names) + len(head_names)]
+                       if isinstance(d, torch.nn.parallel.DistributedDataParallel)]
+            for module in wrapped:
+                module.register_comm_hook(None, mean_gradients_in_fp32)
+            if wrapped:
+                acc.print(f"bf16: {len(wrapped)} modules average the ranks' bf16 gradients in fp32")
         self.optimizers = {name: hot_path(opt, acc) for name, opt in zip(opt_names, rest[len(head_names):])}
         self.opt_reconstruction = self.optimizers["reconstruction"]
         self.opt_generator = self.optimizers["generator"]

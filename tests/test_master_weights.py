@@ -3,7 +3,10 @@ fp32, exact resume, two ranks, and the torch fallback when no compiler is there.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -233,9 +236,52 @@ def test_two_ranks_in_bf16_stay_identical(tmp_path):
                               env={"AAEKIT_DUMP_RANKS": str(dump)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fp32 masters; Adam updates them with the compiled loop" in result.stdout
+    # encoder, decoder and the two discriminators are DDP modules, each averaging through mean_gradients_in_fp32
+    assert "bf16: 4 modules average the ranks' bf16 gradients in fp32" in result.stdout
     assert assert_ranks_identical(dump) > 0
     weights = load_file(str(dump / "rank0.safetensors"))
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
+RANK_MEANS = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from aaekit.master_weights import mean_gradients_in_fp32
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    ddp = DistributedDataParallel(layer)
+    ddp.register_comm_hook(None, mean_gradients_in_fp32)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(100 + rank)).bfloat16()
+    ddp(x).float().square().sum().backward()
+    own = torch.autograd.grad(layer(x).float().square().sum(), layer.weight)[0]
+    every = [torch.empty_like(own) for _ in range(world)]
+    dist.all_gather(every, own)
+    exact = (torch.stack([g.double() for g in every]).sum(0) / world).float().bfloat16()
+    in_bf16 = own / world  # what DDP's default hook does: divide, then sum in the gradients' dtype
+    dist.all_reduce(in_bf16)
+    if rank == 0:
+        print("default", int((in_bf16 != exact).sum()), flush=True)
+        print("hooked", int((layer.weight.grad != exact).sum()), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_ranks_average_bf16_gradients_in_fp32(tmp_path):
+    """With four gloo ranks under DDP, the hook the engine installs for bf16 weights gives each averaged gradient
+    as the exact mean rounded once to bf16; DDP's default (dividing and summing in bf16) does not."""
+    script = tmp_path / "rank_means.py"
+    script.write_text(RANK_MEANS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                             str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **ONE_THREAD})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    counts = dict(line.split() for line in result.stdout.splitlines() if line.split()[0] in ("default", "hooked"))
+    assert int(counts["default"]) > 0, counts  # the rounding this hook exists for
+    assert int(counts["hooked"]) == 0, counts
 
 
 KERNEL_STATUS = "from aaekit.master_weights import compiled_kernel; fn, why = compiled_kernel(); print(fn is not None, why)"
