@@ -102,6 +102,43 @@ void adam_bf16_master(int64_t count, float **w, float **m, float **v, const uint
         }
     }
 }
+
+/* SGD (dampening 0) on fp32 masters from bf16 gradients, writing the bf16 weights: torch's foreach SGD operation
+   for operation (weight decay and Nesterov's term as fused multiply-adds, as torch's vectorised add with alpha;
+   the momentum product rounded before the gradient is added, as torch's mul_ then add_; the file is compiled
+   with -ffp-contract=off so that no other product is fused), so the results are torch's bit for bit. first[i]:
+   the tensor has no momentum buffer yet, which then starts as the gradient (torch's clone). */
+static void sgd_span(float *restrict w, float *restrict buf, const uint16_t *restrict g, uint16_t *restrict out,
+                     int64_t n, float weight_decay, float momentum, float neg_lr, int nesterov, int first) {
+    #pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+        float gk = bf16_to_float(g[k]);
+        if (weight_decay != 0.0f) gk = fmaf(w[k], weight_decay, gk);
+        if (momentum != 0.0f) {
+            float bk = first ? gk : buf[k] * momentum + gk;
+            buf[k] = bk;
+            gk = nesterov ? fmaf(bk, momentum, gk) : bk;
+        }
+        float wk = fmaf(gk, neg_lr, w[k]);
+        w[k] = wk;
+        out[k] = float_to_bf16(wk);
+    }
+}
+
+void sgd_bf16_master(int64_t count, float **w, float **buf, const uint16_t **g, uint16_t **out,
+                     const int64_t *numel, const int32_t *first, double lr, double momentum, double weight_decay,
+                     int nesterov) {
+    const int64_t chunk = 1 << 14;
+    for (int64_t i = 0; i < count; ++i) {
+        int64_t n = numel[i], chunks = (n + chunk - 1) / chunk;
+        #pragma omp parallel for schedule(static) if (chunks > 1)
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t begin = c * chunk, len = n - begin < chunk ? n - begin : chunk;
+            sgd_span(w[i] + begin, momentum != 0.0 ? buf[i] + begin : 0, g[i] + begin, out[i] + begin, len,
+                     (float)weight_decay, (float)momentum, (float)(-lr), nesterov, first[i]);
+        }
+    }
+}
 """
 
 
@@ -123,7 +160,7 @@ def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | N
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source, built = Path(tmp) / "adam_bf16_master.c", Path(tmp) / target.name
+            source, built = Path(tmp) / "bf16_master.c", Path(tmp) / target.name
             source.write_text(KERNEL_SOURCE)
             # Linked against torch's libgomp by path: the loader then reuses the copy torch has already loaded.
             cmd = [compiler, *flags, str(source), "-o", str(built), str(gomp), f"-Wl,-rpath,{gomp.parent}"]
@@ -139,7 +176,7 @@ def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | N
 
 @functools.lru_cache(maxsize=None)
 def compiled_kernel():
-    """The compiled loop and None, or None and the reason there is none (not Linux, no torch OpenMP runtime, no
+    """The compiled loops (``adam_bf16_master``, ``sgd_bf16_master``) and None, or None and the reason there is none (not Linux, no torch OpenMP runtime, no
     compiler, compiling failed). Built once per machine kind into the cache; a cached build that does not load
     (e.g. truncated) is rebuilt once."""
     if not sys.platform.startswith("linux"):
@@ -152,11 +189,12 @@ def compiled_kernel():
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None, "no C compiler found (set CC)"
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+             "-std=c99"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=512")  # full-width vectors where the CPU has AVX-512
     key = hashlib.sha256("\n".join([KERNEL_SOURCE, compiler, *flags, str(gomp), _cpu_signature()]).encode())
-    target = cache_dir() / "kernels" / f"adam_bf16_master-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"bf16_master-{key.hexdigest()[:16]}.so"
     lib = None
     for attempt in range(2):
         if not target.exists():
@@ -170,13 +208,15 @@ def compiled_kernel():
             if attempt:
                 return None, f"loading {target} failed ({exc})"
             target.unlink(missing_ok=True)
-    fn = lib.adam_bf16_master
-    pointers = ctypes.POINTER(ctypes.c_void_p)
-    fn.argtypes = [ctypes.c_int64, pointers, pointers, pointers, pointers, pointers,
-                   ctypes.POINTER(ctypes.c_int64), pointers, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                   ctypes.c_double, ctypes.c_double, ctypes.c_int]
-    fn.restype = None
-    return fn, None
+    pointers, numels = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)
+    lib.adam_bf16_master.argtypes = [ctypes.c_int64, pointers, pointers, pointers, pointers, pointers, numels,
+                                     pointers, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
+                                     ctypes.c_double, ctypes.c_int]
+    lib.sgd_bf16_master.argtypes = [ctypes.c_int64, pointers, pointers, pointers, pointers, numels,
+                                    ctypes.POINTER(ctypes.c_int32), ctypes.c_double, ctypes.c_double,
+                                    ctypes.c_double, ctypes.c_int]
+    lib.adam_bf16_master.restype = lib.sgd_bf16_master.restype = None
+    return lib, None
 
 
 def _pointer_array(tensors: list[torch.Tensor]):
@@ -224,9 +264,21 @@ class MasterOptimizer(torch.optim.Optimizer):
     stands for, in fp32. Subclasses give the update as torch operations (``torch_update``); ``fast_update`` may take
     the bf16 weights in one pass instead."""
 
-    def __init__(self, params, masters: MasterWeights, defaults: dict):
+    def __init__(self, params, masters: MasterWeights, defaults: dict, kernel_name: str):
         super().__init__(params, defaults)
         self.masters = masters
+        library = compiled_kernel()[0]
+        self.kernel = getattr(library, kernel_name) if library is not None else None
+        # The loop's pointer arrays for everything but the gradients, per set of parameters that had gradients
+        # (rebuilt after load_state_dict replaces the state tensors).
+        self._pointers: dict[tuple[int, ...], tuple] = {}
+
+    def cached_pointers(self, low: list, build) -> tuple:
+        key = tuple(map(id, low))
+        pointers = self._pointers.get(key)
+        if pointers is None:
+            pointers = self._pointers[key] = build()
+        return pointers
 
     def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
         raise NotImplementedError
@@ -272,6 +324,7 @@ class MasterOptimizer(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.detach().to(torch.float32, copy=True)
+        self._pointers.clear()
 
 
 class MasterAdam(MasterOptimizer):
@@ -281,11 +334,7 @@ class MasterAdam(MasterOptimizer):
     def __init__(self, params, masters: MasterWeights, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decoupled: bool = False):
         super().__init__(params, masters, {"lr": lr, "betas": tuple(betas), "eps": eps,
-                                           "weight_decay": weight_decay, "decoupled": decoupled})
-        self.kernel = compiled_kernel()[0]
-        # The loop's pointer arrays for everything but the gradients, per set of parameters that had gradients
-        # (rebuilt after load_state_dict replaces the state tensors).
-        self._pointers: dict[tuple[int, ...], tuple] = {}
+                                           "weight_decay": weight_decay, "decoupled": decoupled}, "adam_bf16_master")
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -306,35 +355,57 @@ class MasterAdam(MasterOptimizer):
     def fast_update(self, group: dict, low: list) -> bool:
         if self.kernel is None:
             return False
-        key = tuple(map(id, low))
-        pointers = self._pointers.get(key)
-        if pointers is None:
+
+        def build():
             states = [self._state(p) for p in low]
-            pointers = (_pointer_array([self.masters.master_of[p] for p in low]),
-                        _pointer_array([s["exp_avg"] for s in states]), _pointer_array([s["exp_avg_sq"] for s in states]),
-                        _pointer_array(low), (ctypes.c_int64 * len(low))(*(p.numel() for p in low)),
-                        _pointer_array([s["step"] for s in states]))
-            self._pointers[key] = pointers
-        masters, exp_avgs, exp_avg_sqs, weights, numels, steps = pointers
+            return (_pointer_array([self.masters.master_of[p] for p in low]),
+                    _pointer_array([s["exp_avg"] for s in states]), _pointer_array([s["exp_avg_sq"] for s in states]),
+                    _pointer_array(low), (ctypes.c_int64 * len(low))(*(p.numel() for p in low)),
+                    _pointer_array([s["step"] for s in states]))
+
+        masters, exp_avgs, exp_avg_sqs, weights, numels, steps = self.cached_pointers(low, build)
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in low]
         beta1, beta2 = group["betas"]
         self.kernel(len(low), masters, exp_avgs, exp_avg_sqs, _pointer_array(grads), weights, numels, steps,
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"], int(group["decoupled"]))
         return True
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._pointers.clear()
 
 
 class MasterSGD(MasterOptimizer):
-    """SGD with momentum (torch's foreach SGD on the masters, then the bf16 weights rounded from them): the
-    semi-supervised recipes' classification phase."""
+    """SGD with momentum (the semi-supervised recipes' classification phase): bf16 weights through the compiled
+    loop where it is built, else (and fp32 parameters always) torch's foreach SGD; the same numbers either way."""
 
     def __init__(self, params, masters: MasterWeights, lr: float, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0):
         super().__init__(params, masters, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
-                                           "weight_decay": weight_decay})
+                                           "weight_decay": weight_decay}, "sgd_bf16_master")
+
+    def fast_update(self, group: dict, low: list) -> bool:
+        if self.kernel is None:
+            return False
+        states = [self.state[p] for p in low]
+        first = [0] * len(low)
+        if group["momentum"]:
+            for i, (p, state) in enumerate(zip(low, states)):
+                if "momentum_buffer" not in state:  # torch creates it on the first step, from the gradient
+                    state["momentum_buffer"] = torch.empty(p.shape, dtype=torch.float32)
+                    first[i] = 1
+
+        def build():
+            masters = [self.masters.master_of[p] for p in low]
+            buffers = [s["momentum_buffer"] for s in states] if group["momentum"] else masters  # unused without
+            return (_pointer_array(masters), _pointer_array(buffers), _pointer_array(low),
+                    (ctypes.c_int64 * len(low))(*(p.numel() for p in low)))
+
+        if any(first):  # new buffers: new pointers
+            self._pointers.pop(tuple(map(id, low)), None)
+        masters_p, buffers, weights, numels = self.cached_pointers(low, build)
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in low]
+        self.kernel(len(low), masters_p, buffers, _pointer_array(grads), weights, numels,
+                    (ctypes.c_int32 * len(low))(*first), group["lr"], group["momentum"], group["weight_decay"],
+                    int(group["nesterov"]))
+        return True
 
     def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
         states = [self.state[p] for p in owners]

@@ -90,12 +90,20 @@ def test_torch_fallback_is_bit_identical_to_torchs_adam():
     assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
 
 
-def test_sgd_with_momentum_through_masters_is_bit_identical_to_torchs():
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=linux_only), False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("momentum,nesterov,weight_decay", [(0.9, True, 1e-3), (0.9, False, 0.0), (0.0, False, 1e-3)])
+def test_sgd_through_masters_is_bit_identical_to_torchs(kernel, momentum, nesterov, weight_decay):
+    """The compiled SGD loop and its torch fallback both give torch's SGD on fp32 weights bit for bit (the first
+    step creates the momentum buffers, the later ones use them)."""
     reference, net = small_net(0), small_net(0)
     masters = MasterWeights(net, [net])
-    opt = MasterSGD(net.parameters(), masters, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3,
-                              foreach=True)
+    opt = MasterSGD(net.parameters(), masters, lr=0.05, momentum=momentum, nesterov=nesterov,
+                    weight_decay=weight_decay)
+    assert (opt.kernel is not None) == kernel or not kernel
+    if not kernel:
+        opt.kernel = None
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=momentum, nesterov=nesterov,
+                              weight_decay=weight_decay, foreach=True)
     x = torch.randn(16, 30, generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         for model, optimizer in ((net, opt), (reference, ref_opt)):
@@ -104,10 +112,14 @@ def test_sgd_with_momentum_through_masters_is_bit_identical_to_torchs():
                 model(x).float().square().mean().backward()
             optimizer.step()
     weights = net.state_dict()
-    assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
-    assert net[0].weight.dtype == torch.bfloat16
-    buffers = opt.state_dict()["state"]
-    assert len(buffers) == 6 and all(s["momentum_buffer"].dtype == torch.float32 for s in buffers.values())
+    differing = [k for k, v in reference.state_dict().items() if not torch.equal(weights[k], v)]
+    assert not differing, differing
+    assert not torch.equal(weights["0.weight"], small_net(0).state_dict()["0.weight"])  # it moved
+    assert net[0].weight.dtype == torch.bfloat16 and torch.equal(net[0].weight, weights["0.weight"].bfloat16())
+    if momentum:
+        buffers, expected = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+        assert len(buffers) == 6 and all(s["momentum_buffer"].dtype == torch.float32 for s in buffers.values())
+        assert all(torch.equal(buffers[i]["momentum_buffer"], expected[i]["momentum_buffer"]) for i in expected)
 
 
 def test_optimizer_state_reloads_in_fp32():
