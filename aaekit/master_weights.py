@@ -4,18 +4,21 @@ Under autocast every linear layer casts its fp32 weight to bf16 in every forward
 gradient back to fp32 in the backward pass. On the paper's MNIST setting that is about 3 ms of an 18 ms bf16 step
 on a 2-core CPU, nearly as much as Adam itself (README, benchmarks). Here the layers that autocast runs in bf16
 hold bf16 weights (autocast leaves those alone), the fp32 weights live beside them as masters, and one compiled
-loop per optimizer step reads the bf16 gradients, updates the fp32 masters with Adam and writes the bf16 weights,
-in one pass over memory. The arithmetic is autocast's: the same bf16 rounding of the same fp32 weights, the same
-bf16 products, the same fp32 Adam.
+loop per optimizer step reads the bf16 gradients, updates the fp32 masters with Adam (or SGD) and writes the bf16
+weights, in one pass over memory. The arithmetic is autocast's: the same bf16 rounding of the same fp32 weights,
+the same bf16 products, the same fp32 optimizer.
 
 The model's ``state_dict`` returns the fp32 masters and ``load_state_dict`` fills them, so checkpoints and
 ``model.safetensors`` hold fp32 weights as in every other mode (a run may resume in either mode). The optimizers'
 state has the layout of torch's Adam and SGD (``step``, ``exp_avg``, ``exp_avg_sq``; ``momentum_buffer``), in fp32.
 
-The loop is C, compiled once per machine with the system's C compiler into aaekit's cache and loaded with ctypes
-(no Python object is deserialised). It runs on torch's OpenMP threads. Without a compiler, or without torch's
-OpenMP runtime, the same update runs as torch operations (fused Adam on the masters, then a cast): same numbers,
-slower.
+The loops are C, compiled once per machine with the system's C compiler into aaekit's cache and loaded with ctypes
+(no Python object is deserialised). They run on torch's OpenMP threads. Without a compiler, or without torch's
+OpenMP runtime, the same update runs as torch operations (fused Adam or foreach SGD on the masters, then a cast):
+the same numbers (Adam's to the last bit or so, SGD's exactly), slower.
+
+Under DDP the ranks' bf16 gradients are averaged by ``mean_gradients_in_fp32``, a communication hook that sums
+them in fp32 and rounds the mean once.
 """
 
 from __future__ import annotations
@@ -176,8 +179,8 @@ def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | N
 
 @functools.lru_cache(maxsize=None)
 def compiled_kernel():
-    """The compiled loops (``adam_bf16_master``, ``sgd_bf16_master``) and None, or None and the reason there is none (not Linux, no torch OpenMP runtime, no
-    compiler, compiling failed). Built once per machine kind into the cache; a cached build that does not load
+    """The compiled loops (a library with ``adam_bf16_master`` and ``sgd_bf16_master``) and None, or None and the
+    reason there is none (not Linux, no torch OpenMP runtime, no compiler, compiling failed). Built once per machine kind into the cache; a cached build that does not load
     (e.g. truncated) is rebuilt once."""
     if not sys.platform.startswith("linux"):
         return None, "the compiled update is built on Linux only"
@@ -280,6 +283,10 @@ class MasterOptimizer(torch.optim.Optimizer):
             pointers = self._pointers[key] = build()
         return pointers
 
+    @staticmethod
+    def gradient_pointers(low: list):
+        return _pointer_array([p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in low])
+
     def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
         raise NotImplementedError
 
@@ -364,12 +371,10 @@ class MasterAdam(MasterOptimizer):
                     _pointer_array([s["step"] for s in states]))
 
         masters, exp_avgs, exp_avg_sqs, weights, numels, steps = self.cached_pointers(low, build)
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in low]
         beta1, beta2 = group["betas"]
-        self.kernel(len(low), masters, exp_avgs, exp_avg_sqs, _pointer_array(grads), weights, numels, steps,
+        self.kernel(len(low), masters, exp_avgs, exp_avg_sqs, self.gradient_pointers(low), weights, numels, steps,
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"], int(group["decoupled"]))
         return True
-
 
 
 class MasterSGD(MasterOptimizer):
@@ -401,8 +406,7 @@ class MasterSGD(MasterOptimizer):
         if any(first):  # new buffers: new pointers
             self._pointers.pop(tuple(map(id, low)), None)
         masters_p, buffers, weights, numels = self.cached_pointers(low, build)
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in low]
-        self.kernel(len(low), masters_p, buffers, _pointer_array(grads), weights, numels,
+        self.kernel(len(low), masters_p, buffers, self.gradient_pointers(low), weights, numels,
                     (ctypes.c_int32 * len(low))(*first), group["lr"], group["momentum"], group["weight_decay"],
                     int(group["nesterov"]))
         return True
