@@ -171,6 +171,8 @@ EVAL_METRICS = ("parzen", "classification", "clustering")
 @click.option("-n", "--num-samples", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="parzen: decoder samples that make the Parzen window.")
 @click.option("--sigmas", default=None, help="parzen: comma-separated sigma grid (default: 20 values, 0.05 to 1).")
+@click.option("--refine/--no-refine", default=True, show_default=True,
+              help="parzen: after the grid, choose sigma from a fine grid between the best value's neighbours.")
 @click.option("--validation-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="parzen: training examples held out to choose sigma when the run kept no validation split.")
 @click.option("--test-limit", type=click.IntRange(min=0), default=0, help="Use only the first N test examples (0: all).")
@@ -180,8 +182,8 @@ EVAL_METRICS = ("parzen", "classification", "clustering")
               help="Also write the JSON to this file (never overwrites an existing one).")
 @checkpoint_option
 @plugins_dir_option
-def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, seed, device, output, checkpoint,
-             plugins_dirs):
+def evaluate(run_dir, metric, num_samples, sigmas, refine, validation_size, test_limit, seed, device, output,
+             checkpoint, plugins_dirs):
     """Evaluate the trained model in RUN_DIR; prints the result as JSON."""
     import json
 
@@ -199,7 +201,7 @@ def evaluate(run_dir, metric, num_samples, sigmas, validation_size, test_limit, 
         from aaekit.parzen import DEFAULT_SIGMAS, evaluate_run
 
         result = evaluate_run(run, num_samples=num_samples, sigmas=parse_floats("--sigmas", sigmas) or DEFAULT_SIGMAS,
-                              validation_size=validation_size, test_limit=test_limit, seed=seed)
+                              validation_size=validation_size, test_limit=test_limit, seed=seed, refine=refine)
     else:
         from aaekit.label_metrics import evaluate_classification, evaluate_clustering
 

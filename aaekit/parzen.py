@@ -4,7 +4,9 @@ N samples s_i drawn from the decoder define a density: a Gaussian of width sigma
 
     log p(x) = logsumexp_i( -|x - s_i|^2 / (2 sigma^2) ) - log N - (D/2) log(2 pi sigma^2).
 
-sigma is chosen on a validation split from a grid and the test set's mean log-likelihood is reported
+sigma is chosen on a validation split, from a grid and then from a fine grid between the best grid value's
+neighbours (in 784 dimensions the log-likelihood is sharply peaked in sigma: one step of the default grid, a
+factor 1.17, moved an MNIST model's test figure by 4 nats), and the test set's mean log-likelihood is reported
 with its standard error, in nats. The squared distances are computed one block of test rows at a time
 (|x|^2 + |s|^2 - 2 x.s, a matrix product), and every sigma of the grid is scored from the same block, so
 neither the full distance matrix nor a (rows x N x D) difference tensor is ever held.
@@ -18,6 +20,8 @@ import time
 import torch
 
 DEFAULT_SIGMAS = tuple(round(float(s), 4) for s in torch.logspace(math.log10(0.05), math.log10(1.0), 20))
+# Points of the fine grid between the neighbours of the best grid value (two steps of the default grid: 1.6 % apart).
+REFINE_POINTS = 21
 
 
 def squared_distances(x: torch.Tensor, samples: torch.Tensor, samples_sq: torch.Tensor) -> torch.Tensor:
@@ -57,8 +61,10 @@ def mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def parzen_estimate(samples: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, sigmas=DEFAULT_SIGMAS,
-                    batch_size: int = 256) -> dict:
-    """Choose sigma on ``validation`` (highest mean log-likelihood), then score ``test`` with it."""
+                    batch_size: int = 256, refine: bool = True) -> dict:
+    """Choose sigma on ``validation`` (highest mean log-likelihood), then score ``test`` with it. With ``refine``
+    and the grid's best value inside the grid, sigma is then the best of a fine log-spaced grid between that
+    value's two neighbours (the grid's best included)."""
     sigmas = [float(s) for s in sigmas]
     if not sigmas:
         raise ValueError("the sigma grid is empty")
@@ -66,6 +72,14 @@ def parzen_estimate(samples: torch.Tensor, validation: torch.Tensor, test: torch
     val_ll = parzen_log_likelihoods(validation, samples, sigmas, batch_size).double().mean(dim=1)
     best = int(torch.argmax(val_ll))
     sigma = sigmas[best]
+    inside = 0 < best < len(sigmas) - 1
+    fine, fine_ll = [], None
+    if refine and inside:
+        low, high = sorted((sigmas[best - 1], sigmas[best + 1]))
+        steps = torch.logspace(math.log10(low), math.log10(high), REFINE_POINTS, dtype=torch.float64)
+        fine = sorted({*(round(float(v), 6) for v in steps), sigma})
+        fine_ll = parzen_log_likelihoods(validation, samples, fine, batch_size).double().mean(dim=1)
+        sigma = fine[int(torch.argmax(fine_ll))]
     test_ll = parzen_log_likelihoods(test, samples, [sigma], batch_size)[0]
     mean, se = mean_and_standard_error(test_ll)
     result = {
@@ -76,12 +90,14 @@ def parzen_estimate(samples: torch.Tensor, validation: torch.Tensor, test: torch
         "sigma": sigma,
         "sigma_grid": sigmas,
         "validation_log_likelihood": [v for v in val_ll.tolist()],
+        "sigma_fine_grid": fine,
+        "validation_log_likelihood_fine": fine_ll.tolist() if fine_ll is not None else [],
         "num_samples": int(samples.shape[0]),
         "num_validation": int(validation.shape[0]),
         "num_test": int(test.shape[0]),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    if len(sigmas) > 1 and best in (0, len(sigmas) - 1):
+    if len(sigmas) > 1 and not inside:
         edge = "smallest" if best == 0 else "largest"
         result["warning"] = (f"the chosen sigma {sigma} is the {edge} of the grid; widen the grid (--sigmas) "
                              "so the best value is inside it")
@@ -90,7 +106,7 @@ def parzen_estimate(samples: torch.Tensor, validation: torch.Tensor, test: torch
 
 @torch.no_grad()
 def evaluate_run(run, *, num_samples: int = 10_000, sigmas=DEFAULT_SIGMAS, validation_size: int = 1000,
-                 test_limit: int = 0, seed: int = 0, batch_size: int = 256) -> dict:
+                 test_limit: int = 0, seed: int = 0, batch_size: int = 256, refine: bool = True) -> dict:
     """Parzen log-likelihood of a loaded run (``aaekit.load``) on its dataset's test split.
 
     sigma is chosen on the run's own held-out validation split when the recipe kept one (data.validation),
@@ -118,7 +134,7 @@ def evaluate_run(run, *, num_samples: int = 10_000, sigmas=DEFAULT_SIGMAS, valid
     samples = torch.cat([run.sample(min(2000, num_samples - i), seed=generator_seed + i)
                          for i in range(0, num_samples, 2000)]).reshape(num_samples, -1).float()
     sampling_seconds = time.perf_counter() - started
-    result = parzen_estimate(samples, to_rows(validation), to_rows(test), sigmas, batch_size)
+    result = parzen_estimate(samples, to_rows(validation), to_rows(test), sigmas, batch_size, refine)
     result.update(run_dir=str(run.run_dir), validation_from=validation_from, seed=seed,
                   sampling_seconds=round(sampling_seconds, 3))
     return result
