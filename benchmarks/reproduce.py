@@ -9,7 +9,8 @@ evaluated with `aaekit eval`, as a user would run them.
 
 The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
 Experiments whose recipe does not exist are listed as skipped, with the reason.
-Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under runs/reproduce/.
+Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under runs/reproduce/
+(--runs DIR elsewhere).
 """
 
 from __future__ import annotations
@@ -175,7 +176,12 @@ def run_experiment(exp: Experiment, opts, out_root: Path, seed: int | None = Non
             "standard_error": result.get("standard_error"), "steps": record.get("step", steps), "step_cap": steps,
             "epochs": record.get("epoch"),
             "calibrated_samples_per_s": calibrated, "train_s": round(seconds, 1), "eval_s": round(eval_seconds, 1),
-            "run_dir": str((work / "run").relative_to(ROOT)), "overrides": overrides, "eval": result}
+            "run_dir": shown(work / "run"), "overrides": overrides, "eval": result}
+
+
+def shown(path: Path) -> str:
+    """A path as the report gives it: relative to the repository where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def combine_seeds(runs: list[dict]) -> dict:
@@ -225,17 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1,
                         help="train each experiment with run.seed = 0..N-1 and report the mean and spread")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "reproduce",
+                        help="where the runs go, one folder per reproduction (default: runs/reproduce)")
     opts = parser.parse_args(argv)
     if opts.minutes <= 0:
         parser.error("--minutes must be positive")
     if opts.seeds < 1:
         parser.error("--seeds must be at least 1")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out_root = ROOT / "runs" / "reproduce" / stamp
+    runs_root = opts.runs.resolve()
+    out_root = runs_root / stamp
     n = 1
     while out_root.exists():  # never reuse an earlier reproduction's folder
         n += 1
-        out_root = ROOT / "runs" / "reproduce" / f"{stamp}-{n}"
+        out_root = runs_root / f"{stamp}-{n}"
     chosen = [e for e in EXPERIMENTS if not opts.only or e.key in opts.only]
     if opts.overrides:  # a mistyped --set fails here, before any training, with the recipe's own message
         from aaekit.errors import UserError
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         done = [rows[e.key] for e in chosen if e.key in rows]
         report = {"benchmark": "reproduce", "quick": opts.quick, "budget": budget, "hardware": machine,
                   "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  "runs": str(out_root.relative_to(ROOT)), "experiments": done}
+                  "runs": shown(out_root), "experiments": done}
         opts.results.mkdir(parents=True, exist_ok=True)
         for name, text in (("reproduce.json", json.dumps(report, indent=2) + "\n"), ("reproduce.md", markdown(report))):
             tmp = opts.results / (name + ".tmp")

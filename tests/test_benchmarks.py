@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,11 +62,13 @@ def test_reproduce_quick_trains_and_evaluates_likelihood(tmp_path, capsys):
     reproduce = script("reproduce")
     reproduce.aaekit = aaekit  # the real CLI, in this process (the script itself starts `python -m aaekit`)
     # one experiment keeps it short; the others differ only in their recipe and metric name
-    assert reproduce.main(["--quick", "--only", "likelihood", "--results", str(tmp_path)]) == 0, capsys.readouterr()
+    args = ["--quick", "--only", "likelihood", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    assert reproduce.main(args) == 0, capsys.readouterr()
     report = json.loads((tmp_path / "reproduce.json").read_text())
     (row,) = report["experiments"]
     assert row["experiment"] == "likelihood" and row["status"] == "ok", row
     assert isinstance(row["aaekit"], float) and row["metric"] == "parzen"
+    assert Path(row["run_dir"]).is_relative_to(tmp_path / "runs")  # --runs: the suite leaves nothing in runs/
     assert (ROOT / row["run_dir"] / "model.safetensors").exists()
     last = json.loads((ROOT / row["run_dir"] / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["steps"] == last["step"] and row["step_cap"] == 6  # the steps taken, beside the budget's cap
@@ -78,7 +81,8 @@ def test_reproduce_parallel_keeps_the_table_order_and_every_row(tmp_path):
     both in the table's order whichever finished first."""
     reproduce = script("reproduce")
     chosen = ["semisupervised_all", "likelihood"]  # given out of table order on purpose
-    args = ["--quick", "--parallel", "2", "--results", str(tmp_path)] + [a for k in chosen for a in ("--only", k)]
+    args = (["--quick", "--parallel", "2", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
+            + [a for k in chosen for a in ("--only", k)])
     assert reproduce.main(args) == 0
     report = json.loads((tmp_path / "reproduce.json").read_text())
     assert [r["experiment"] for r in report["experiments"]] == ["likelihood", "semisupervised_all"]
@@ -93,7 +97,8 @@ def test_reproduce_seeds_reports_the_mean_and_every_seed(tmp_path):
     import tomllib
 
     reproduce = script("reproduce")
-    assert reproduce.main(["--quick", "--seeds", "2", "--only", "cluster16", "--results", str(tmp_path)]) == 0
+    assert reproduce.main(["--quick", "--seeds", "2", "--only", "cluster16", "--results", str(tmp_path),
+                           "--runs", str(tmp_path / "runs")]) == 0
     (row,) = json.loads((tmp_path / "reproduce.json").read_text())["experiments"]
     assert row["status"] == "ok" and [s["seed"] for s in row["seeds"]] == [0, 1]
     numbers = [s["aaekit"] for s in row["seeds"]]
