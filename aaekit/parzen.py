@@ -6,7 +6,7 @@ N samples s_i drawn from the decoder define a density: a Gaussian of width sigma
 
 sigma is chosen on a validation split, from a grid and then from a fine grid between the best grid value's
 neighbours (in 784 dimensions the log-likelihood is sharply peaked in sigma: one step of the default grid, a
-factor 1.17, moved an MNIST model's test figure by 4 nats), and the test set's mean log-likelihood is reported
+factor 1.17, moved MNIST models' test figures by 3-4 nats), and the test set's mean log-likelihood is reported
 with its standard error, in nats. The squared distances are computed one block of test rows at a time
 (|x|^2 + |s|^2 - 2 x.s, a matrix product), and every sigma of the grid is scored from the same block, so
 neither the full distance matrix nor a (rows x N x D) difference tensor is ever held.
