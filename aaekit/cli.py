@@ -202,6 +202,11 @@ def evaluate(run_dir, metric, num_samples, sigmas, refine, validation_size, test
 
         result = evaluate_run(run, num_samples=num_samples, sigmas=parse_floats("--sigmas", sigmas) or DEFAULT_SIGMAS,
                               validation_size=validation_size, test_limit=test_limit, seed=seed, refine=refine)
+        click.echo(f"parzen: {result['log_likelihood']:.2f} ± {result['standard_error']:.2f} nats on "
+                   f"{result['num_test']} test examples, {result['num_samples']} samples, sigma {result['sigma']:g} "
+                   f"chosen on {result['num_validation']} validation examples", err=True)
+        if "warning" in result:
+            click.echo(f"warning: {result['warning']}", err=True)
     else:
         from aaekit.label_metrics import evaluate_classification, evaluate_clustering
 

@@ -138,6 +138,8 @@ def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):
     report = json.loads(result.stdout)
     assert report == json.loads(out.read_text()) and report["metric"] == "parzen"
     assert report["num_samples"] == 500 and report["num_test"] == 200 and report["unit"] == "nats"
+    assert f"parzen: {report['log_likelihood']:.2f} ± " in result.stderr  # the one-line summary
+    assert "nats on 200 test examples, 500 samples" in result.stderr
     best = max(range(5), key=report["validation_log_likelihood"].__getitem__)
     if 0 < best < 4:  # refined between the grid's neighbours of its best value
         fine = report["sigma_fine_grid"]
