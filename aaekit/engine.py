@@ -185,8 +185,8 @@ class Trainer:
         )
         if masters is not None:
             missing = compiled_kernel()[1]
-            acc.print(f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters; Adam updates them "
-                      + (f"with torch operations ({missing})" if missing else "with the compiled loop"))
+            acc.print(f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters; the optimizers update "
+                      + (f"them with torch operations ({missing})" if missing else "them with the compiled loops"))
         self.optimizers = {"reconstruction": self.opt_reconstruction, "generator": self.opt_generator,
                            **{f"discriminator.{c}": o for c, o in self.opt_discriminators.items()}}
         if self.opt_classification is not None:
