@@ -177,11 +177,21 @@ def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | N
     return None
 
 
+def remove_stale_builds(kernels: Path, machine: str, keep: Path) -> None:
+    """Builds of earlier sources of the loops for this machine kind, and builds named the way earlier aaekit
+    versions named them, are never loaded again; builds for other machine kinds sharing the cache stay."""
+    stale = [*kernels.glob(f"bf16_master-{machine}-*.so"), *kernels.glob("adam_bf16_master-*.so"),
+             *kernels.glob("bf16_master-" + "?" * 16 + ".so")]
+    for path in stale:
+        if path != keep:
+            path.unlink(missing_ok=True)  # a process that has it loaded keeps its mapping
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_kernel():
     """The compiled loops (a library with ``adam_bf16_master`` and ``sgd_bf16_master``) and None, or None and the
-    reason there is none (not Linux, no torch OpenMP runtime, no compiler, compiling failed). Built once per machine kind into the cache; a cached build that does not load
-    (e.g. truncated) is rebuilt once."""
+    reason there is none (not Linux, no torch OpenMP runtime, no compiler, compiling failed). Built once per machine
+    kind and source into the cache; a cached build that does not load (e.g. truncated) is rebuilt once."""
     if not sys.platform.startswith("linux"):
         return None, "the compiled update is built on Linux only"
     # The loop links against the OpenMP runtime torch has loaded, so it shares torch's threads (no second pool).
@@ -196,14 +206,17 @@ def compiled_kernel():
              "-std=c99"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=512")  # full-width vectors where the CPU has AVX-512
-    key = hashlib.sha256("\n".join([KERNEL_SOURCE, compiler, *flags, str(gomp), _cpu_signature()]).encode())
-    target = cache_dir() / "kernels" / f"bf16_master-{key.hexdigest()[:16]}.so"
+    machine = hashlib.sha256("\n".join([compiler, *flags, str(gomp), _cpu_signature()]).encode()).hexdigest()[:12]
+    source = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:12]
+    kernels = cache_dir() / "kernels"
+    target = kernels / f"bf16_master-{machine}-{source}.so"
     lib = None
     for attempt in range(2):
         if not target.exists():
             problem = _build(target, compiler, flags, gomp)
             if problem:
                 return None, problem
+            remove_stale_builds(kernels, machine, target)
         try:
             lib = ctypes.CDLL(str(target))
             break

@@ -314,6 +314,18 @@ def test_a_broken_cached_build_is_rebuilt_and_an_unwritable_cache_falls_back(tmp
     built.write_bytes(built.read_bytes()[:64])  # truncated, as by a full disk
     assert status(tmp_path / "cache") == "True None"
     assert built.stat().st_size > 64
+    # builds of an earlier source for this machine kind, and those named as earlier versions named them, go when
+    # a new build is made; another machine kind's build in a shared cache stays
+    kernels = tmp_path / "cache" / "kernels"
+    _, machine, source = built.stem.split("-")
+    stale = [kernels / f"bf16_master-{machine}-000000000000.so", kernels / "adam_bf16_master-0123456789abcdef.so",
+             kernels / "bf16_master-0123456789abcdef.so"]
+    other_machine = kernels / f"bf16_master-ffffffffffff-{source}.so"
+    for path in (*stale, other_machine):
+        path.write_bytes(b"old")
+    built.unlink()
+    assert status(tmp_path / "cache") == "True None"
+    assert built.exists() and other_machine.exists() and not any(p.exists() for p in stale)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert status(blocker).startswith("False compiling failed")  # the cache folder cannot be created
