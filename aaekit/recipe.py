@@ -26,8 +26,9 @@ CORE: dict[str, dict[str, Param]] = {
                                  "thread (denormals put the CPU on a slow path: 10-40 % of a step once Adam's "
                                  "state holds them); false keeps strict IEEE arithmetic"),
         "bf16_master_weights": Param(bool, True, help="with mixed_precision = \"bf16\" on a CPU: layers hold bf16 "
-                                     "weights and Adam updates fp32 masters, writing the bf16 copy in the same pass "
-                                     "(autocast's numbers without its per-step casts); false: plain autocast"),
+                                     "weights and the optimizers (Adam, AdamW, SGD) update fp32 masters, writing the "
+                                     "bf16 copy in the same pass (autocast's numbers without its per-step casts); "
+                                     "false: plain autocast"),
     },
     "data": {
         "name": Param(str, help='the dataset plugin, e.g. name = "mnist"'),

@@ -302,10 +302,8 @@ KERNEL_STATUS = "from aaekit.master_weights import compiled_kernel; fn, why = co
 
 @linux_only
 def test_a_broken_cached_build_is_rebuilt_and_an_unwritable_cache_falls_back(tmp_path):
-    import subprocess
-
     def status(cache) -> str:
-        env = {**__import__("os").environ, "AAEKIT_CACHE_DIR": str(cache)}
+        env = {**os.environ, "AAEKIT_CACHE_DIR": str(cache)}
         return subprocess.run([sys.executable, "-c", KERNEL_STATUS], env=env, capture_output=True, text=True,
                               check=True).stdout.strip()
 

@@ -10,6 +10,23 @@ import torch
 from aaekit.parzen import mean_and_standard_error, parzen_estimate, parzen_log_likelihoods
 
 
+def skewed_data():
+    """Samples, validation and test rows from three different skewed distributions (the best sigma lies inside
+    the tests' grids)."""
+    g = torch.Generator().manual_seed(2)
+    samples = torch.rand(200, 10, generator=g, dtype=torch.float64) ** 2
+    validation = torch.rand(40, 10, generator=g, dtype=torch.float64)
+    test = torch.rand(30, 10, generator=g, dtype=torch.float64) ** 3
+    return samples, validation, test
+
+
+def naive(x, samples, sigma):
+    """log p(x) per row, holding the whole (n, N, D) difference tensor."""
+    d2 = ((x[:, None, :] - samples[None, :, :]) ** 2).sum(-1)
+    log_kernel = -d2 / (2 * sigma**2) - 0.5 * x.shape[1] * math.log(2 * math.pi * sigma**2)
+    return torch.logsumexp(log_kernel, dim=1) - math.log(len(samples))
+
+
 def test_exact_small_cases_by_hand():
     # 1-D, samples at 0 and 2, x = 1, sigma = 1: both kernels give N(1; 0, 1), so log p = log N(1; 0, 1).
     samples = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
@@ -73,24 +90,15 @@ def test_gaussian_closed_form():
 
 def test_sigma_is_the_best_of_the_grid_on_validation():
     """Checked against a naive computation that holds the whole (n, N, D) difference tensor."""
-    g = torch.Generator().manual_seed(2)
-    samples = torch.rand(200, 10, generator=g, dtype=torch.float64) ** 2
-    validation = torch.rand(40, 10, generator=g, dtype=torch.float64)
-    test = torch.rand(30, 10, generator=g, dtype=torch.float64) ** 3
+    samples, validation, test = skewed_data()
     grid = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
-
-    def naive(x, sigma):
-        d2 = ((x[:, None, :] - samples[None, :, :]) ** 2).sum(-1)
-        log_kernel = -d2 / (2 * sigma**2) - 0.5 * x.shape[1] * math.log(2 * math.pi * sigma**2)
-        return torch.logsumexp(log_kernel, dim=1) - math.log(len(samples))
-
-    per_sigma = [naive(validation, s).mean().item() for s in grid]
+    per_sigma = [naive(validation, samples, s).mean().item() for s in grid]
     result = parzen_estimate(samples, validation, test, sigmas=grid, batch_size=16, refine=False)
     assert result["validation_log_likelihood"] == pytest.approx(per_sigma, rel=1e-9)
     best = grid[max(range(len(grid)), key=per_sigma.__getitem__)]
     assert result["sigma"] == best
     assert 0 < grid.index(best) < len(grid) - 1  # the data were made so that the best is inside the grid
-    test_ll = naive(test, best)
+    test_ll = naive(test, samples, best)
     assert result["log_likelihood"] == pytest.approx(test_ll.mean().item(), rel=1e-9)
     assert result["standard_error"] == pytest.approx(test_ll.std().item() / math.sqrt(len(test)), rel=1e-9)
     assert result["num_samples"] == 200 and result["num_test"] == 30 and result["unit"] == "nats"
@@ -99,16 +107,7 @@ def test_sigma_is_the_best_of_the_grid_on_validation():
 def test_sigma_is_refined_between_the_grid_neighbours_of_the_best():
     """After the grid, sigma is the best (by the naive computation) of a fine grid between the neighbours of the
     grid's best value, so it scores at least as well on validation; the test figure is scored with it."""
-    g = torch.Generator().manual_seed(2)
-    samples = torch.rand(200, 10, generator=g, dtype=torch.float64) ** 2
-    validation = torch.rand(40, 10, generator=g, dtype=torch.float64)
-    test = torch.rand(30, 10, generator=g, dtype=torch.float64) ** 3
-
-    def naive(x, sigma):
-        d2 = ((x[:, None, :] - samples[None, :, :]) ** 2).sum(-1)
-        log_kernel = -d2 / (2 * sigma**2) - 0.5 * x.shape[1] * math.log(2 * math.pi * sigma**2)
-        return torch.logsumexp(log_kernel, dim=1) - math.log(len(samples))
-
+    samples, validation, test = skewed_data()
     grid = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
     coarse = parzen_estimate(samples, validation, test, sigmas=grid, batch_size=16, refine=False)
     result = parzen_estimate(samples, validation, test, sigmas=grid, batch_size=16)
@@ -116,12 +115,12 @@ def test_sigma_is_refined_between_the_grid_neighbours_of_the_best():
     fine = result["sigma_fine_grid"]
     assert len(fine) >= 21 and fine[0] == pytest.approx(grid[i - 1]) and fine[-1] == pytest.approx(grid[i + 1])
     assert coarse["sigma"] in fine
-    per_sigma = [naive(validation, s).mean().item() for s in fine]
+    per_sigma = [naive(validation, samples, s).mean().item() for s in fine]
     assert result["validation_log_likelihood_fine"] == pytest.approx(per_sigma, rel=1e-9)
     assert result["sigma"] == fine[max(range(len(fine)), key=per_sigma.__getitem__)]
     assert result["sigma"] != coarse["sigma"]  # the data were made so that the grid's value is not the best
     assert max(per_sigma) > max(coarse["validation_log_likelihood"])
-    assert result["log_likelihood"] == pytest.approx(naive(test, result["sigma"]).mean().item(), rel=1e-9)
+    assert result["log_likelihood"] == pytest.approx(naive(test, samples, result["sigma"]).mean().item(), rel=1e-9)
 
 
 def test_edge_of_grid_is_reported():
