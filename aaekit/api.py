@@ -41,17 +41,18 @@ class LoadedRun:
 
     # --- inputs ---------------------------------------------------------------------------------------
     def _as_inputs(self, x) -> torch.Tensor:
-        """Examples as the encoder takes them: (n, D) floats; uint8 pixels are scaled as in training."""
+        """Examples as the encoder takes them: (n, D) floats; uint8 pixels are scaled as in training. Accepts one
+        example or a batch, each shaped like the data (``input_shape``) or flat (D values)."""
         x = torch.as_tensor(x)
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
         x = x.to(self.device, torch.float32)
-        dim = self.model.input_dim
-        if x.dim() == len(self.model.input_shape):  # a single example
+        shape, dim = tuple(self.model.input_shape), self.model.input_dim
+        if tuple(x.shape) in (shape, (dim,)):  # a single example
             x = x.unsqueeze(0)
-        if x[0].numel() != dim:
-            raise UserError(f"inputs of shape {tuple(x.shape)} do not fit this model, which takes examples of "
-                            f"shape {self.model.input_shape} ({dim} values each)")
+        if x.dim() < 1 or tuple(x.shape[1:]) not in (shape, (dim,)):
+            raise UserError(f"inputs of shape {tuple(x.shape)} do not fit this model, which takes a batch of "
+                            f"shape (N, {', '.join(map(str, shape))}) or (N, {dim}), or a single example")
         return x.reshape(x.shape[0], dim)
 
     def _as_labels(self, labels, n: int) -> torch.Tensor | None:
@@ -144,6 +145,24 @@ class LoadedRun:
         return cls(**dataset_params(data))
 
 
+def missing_plugins_hint(record: dict | None, registry) -> str:
+    """Which components of the run are not registered now, and where they came from when it was trained."""
+    if record is None:
+        return "; a plugin the run used may have changed or be missing (see `aaekit plugins`)"
+    missing = [f"{key} = {src['kind']} {src['name']!r} (from {src['plugin']})"
+               for key, src in record.get("components", {}).items()
+               if src["name"] not in registry.components.get(src["kind"], {})]
+    hint = f"; not registered now: {', '.join(missing)}" if missing else ""
+    dirs = record.get("plugins_dirs", [])
+    gone = [d for d in dirs if not Path(d).is_dir()]
+    if gone:
+        hint += f"; the run was trained with --plugins-dir {' '.join(gone)}, which no longer exists: pass " \
+                "--plugins-dir with the folder that now holds those plugin files"
+    elif missing:
+        hint += "; install the plugin that provides it, or pass --plugins-dir with the folder of its .py file"
+    return hint
+
+
 def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_dirs=(),
          checkpoint: str | None = None) -> LoadedRun:
     """Rebuild the trained model of ``run_dir`` (its ``recipe.toml`` and ``model.safetensors``). With
@@ -152,6 +171,7 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
     from aaekit.checkpoint import checkpoint_model, load_tensors
     from aaekit.plugins import get_registry
     from aaekit.recipe import load_recipe
+    from aaekit.rundir import read_model_record
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -165,16 +185,24 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
                 f"--output-dir {run_dir}`, or evaluate its newest checkpoint with --checkpoint latest"
                 if (run_dir / "checkpoints").is_dir() else "was the run finished?")
         raise UserError(f"{weights_path}: missing; {hint}")
-    registry = registry if registry is not None else get_registry(list(plugins_dirs))
+    record = read_model_record(run_dir)
+    recorded_dirs = [d for d in (record or {}).get("plugins_dirs", []) if Path(d).is_dir()]
+    if registry is None:  # the plugin folders the run was trained with come along, where they still exist
+        registry = get_registry([*plugins_dirs, *(d for d in recorded_dirs if d not in plugins_dirs)])
     try:
         recipe = load_recipe(recipe_path, [], registry)
     except RecipeError as exc:
-        raise UserError(f"{recipe_path}: the run's stored recipe no longer validates (a plugin changed or is "
-                        "missing?):\n" + "\n".join(exc.problems)) from None
+        raise UserError(f"{recipe_path}: the run's stored recipe no longer validates: "
+                        + "; ".join(p.split(": ", 1)[-1] for p in exc.problems)
+                        + missing_plugins_hint(record, registry)) from None
 
-    data = recipe.values["data"]
-    dataset_cls = registry.get("dataset", data["name"]).cls
-    model = build_model(recipe, registry, tuple(dataset_cls.input_shape), dataset_cls.classes(data))
+    if record is not None:
+        input_shape, num_classes = record["input_shape"], record["num_classes"]
+    else:  # a run from before model.json: the dataset class's shape (right for datasets with a fixed shape)
+        data = recipe.values["data"]
+        dataset_cls = registry.get("dataset", data["name"]).cls
+        input_shape, num_classes = tuple(dataset_cls.input_shape), dataset_cls.classes(data)
+    model = build_model(recipe, registry, input_shape, num_classes)
     if checkpoint is None:
         weights = load_tensors(weights_path, "model weights")
     else:

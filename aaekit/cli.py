@@ -38,10 +38,16 @@ def plugins_dir_option(f):
     )(f)
 
 
-def registry_for(plugins_dirs) -> "object":
+def registry_for(plugins_dirs, warn: bool = True) -> "object":
+    """The plugin registry; a plugin that failed to load is named in one warning line (its components are missing)."""
     from aaekit.plugins import get_registry
 
-    return get_registry(list(plugins_dirs))
+    registry = get_registry(list(plugins_dirs))
+    if warn:
+        for b in registry.broken:
+            click.echo(f"warning: plugin {b.plugin} ({b.distribution}) failed to load and is skipped: {b.error}",
+                       err=True)
+    return registry
 
 
 @click.group(cls=AAEKitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,7 +65,7 @@ def cli():
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--output-dir", type=click.Path(file_okay=False), help="The run directory (default: runs/<run.name>).")
+@click.option("--output-dir", type=click.Path(), help="The run directory (default: runs/<run.name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the run directory from its latest checkpoint.")
 @click.option("--log-with", default=None, help="Also log to an Accelerate tracker (tensorboard, wandb, ...).")
 @plugins_dir_option
@@ -77,17 +83,22 @@ def run(recipe, overrides, output_dir, resume, log_with, plugins_dirs):
 
 
 @cli.command()
-@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("recipes", nargs=-1, required=True, metavar="RECIPE... [KEY=VALUE]...")
 @plugins_dir_option
 def validate(recipes, plugins_dirs):
-    """Check recipes completely (every problem at once) without running them."""
+    """Check recipes completely (every problem at once) without running them; KEY=VALUE overrides apply to each,
+    as with `aaekit run`."""
     from aaekit.recipe import load_recipe
 
+    overrides = [a for a in recipes if "=" in a and not Path(a).is_file()]
+    paths = [a for a in recipes if a not in overrides]
+    if not paths:
+        raise UserError("validate: no recipe given; e.g. aaekit validate recipes/gmm_label.toml train.epochs=3")
     registry = registry_for(plugins_dirs)
     problems = []
-    for path in recipes:
+    for path in paths:
         try:
-            load_recipe(path, [], registry)
+            load_recipe(path, overrides, registry)
             click.echo(f"ok: {path}")
         except RecipeError as exc:
             problems += exc.problems
@@ -107,7 +118,7 @@ def plugins(plugins_dirs):
 
     from aaekit.plugins import KINDS
 
-    registry = registry_for(plugins_dirs)
+    registry = registry_for(plugins_dirs, warn=False)  # listed in the table below
     console = Console()
     for kind in KINDS:
         table = Table(title=f"{kind}s", title_justify="left")
@@ -123,6 +134,16 @@ def plugins(plugins_dirs):
         for b in registry.broken:
             table.add_row(b.plugin, b.distribution, escape(b.error))
         console.print(table)
+
+
+def check_parent_folder(option: str, path: Path) -> None:
+    """Refuse a file path whose folder is missing or not writable before any work is done."""
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is a file, not a folder" if parent.exists() else "does not exist"
+        raise UserError(f"{option} {path}: the folder {parent} {what}; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path}: the folder {parent} is not writable; choose another path")
 
 
 def parse_floats(option: str, text: str | None) -> list[float] | None:
@@ -191,7 +212,9 @@ def evaluate(run_dir, metric, num_samples, sigmas, refine, validation_size, test
 
     if output and Path(output).exists():
         raise UserError(f"--output {output}: already exists; choose another file (nothing was overwritten)")
-    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs), checkpoint=checkpoint)
+    if output:
+        check_parent_folder("--output", Path(output))
+    run = load(run_dir, device=device or default_device(), plugins_dirs=plugins_dirs, checkpoint=checkpoint)
     if metric == "auto":
         from aaekit.label_metrics import default_metric
 
@@ -218,8 +241,12 @@ def evaluate(run_dir, metric, num_samples, sigmas, refine, validation_size, test
     text = json.dumps(result, indent=1)
     click.echo(text)
     if output:
-        with open(output, "x", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+        try:
+            with open(output, "x", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        except OSError as exc:
+            raise UserError(f"--output {output}: cannot be written ({exc.strerror or exc}); the result is printed "
+                            "above; choose a path in a folder you can write to") from None
 
 
 @cli.command()
@@ -246,12 +273,17 @@ def sample(run_dir, num, labels, interpolate, steps, out, force, seed, device, c
     out = Path(out) if out else Path(run_dir) / ("interpolation.png" if interpolate else "sampled.png")
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it or --out to write elsewhere")
-    run = load(run_dir, device=device or default_device(), registry=registry_for(plugins_dirs), checkpoint=checkpoint)
+    check_parent_folder("--out", out)
+    run = load(run_dir, device=device or default_device(), plugins_dirs=plugins_dirs, checkpoint=checkpoint)
     chosen = parse_labels(labels)
-    if interpolate:
-        rows, cols = write_interpolation(run, out, num or 10, steps, chosen, seed)
-    else:
-        rows, cols = write_samples(run, out, num, chosen, seed)
+    try:
+        if interpolate:
+            rows, cols = write_interpolation(run, out, num or 10, steps, chosen, seed)
+        else:
+            rows, cols = write_samples(run, out, num, chosen, seed)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot be written ({exc.strerror or exc}); choose a path in a folder you "
+                        "can write to") from None
     click.echo(f"wrote {out} ({rows} x {cols} images)")
 
 

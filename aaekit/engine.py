@@ -32,13 +32,13 @@ from aaekit.cpu import keep_freed_memory, set_flush_denormals
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
 from aaekit.master_weights import MasterAdam, MasterSGD, MasterWeights, compiled_kernel, mean_gradients_in_fp32
-from aaekit.model import AAE, build_model
+from aaekit.model import AAE, build_model, check_component_outputs
 from aaekit.recipe import Recipe, dataset_params
 
 # Recipe keys that may change when a run is resumed: extending it, checkpointing differently, or a CPU setting.
 RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.pictures", "train.imbalance_warning_steps", "run.flush_denormals",
-                     "run.bf16_master_weights"}
+                     "run.bf16_master_weights", "run.threads"}
 
 
 def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device,
@@ -87,6 +87,25 @@ def refuse_lonely_process(num_processes: int) -> None:
         )
 
 
+def component_sources(values: dict, registry) -> dict:
+    """Which plugin (distribution, version) provided each component the recipe names, by recipe key."""
+    named = {"data": ("dataset", values["data"]["name"]), "encoder": ("posterior", values["encoder"]["name"]),
+             **{f"codes.{c}.prior": ("prior", code["prior"]["name"]) for c, code in values["codes"].items()},
+             **{f"heads.{k}": ("head", h["name"]) for k, h in values["heads"].items()}}
+    out = {}
+    for key, (kind, name) in named.items():
+        entry = registry.get(kind, name)
+        out[key] = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
+                    "version": entry.version}
+    return out
+
+
+# Losses warned about: this many times the first logged value (and at least this large), or past ABSURD_LOSS
+# (squared errors of values near 1e10: no data set's scale, but a bf16/fp32 run on its way to inf).
+GROWTH_WARNING = 1e4
+ABSURD_LOSS = 1e20
+
+
 def lr_scale(epoch: int, milestones: list[int], gamma: float) -> float:
     """The paper's step schedule: multiply by gamma at each milestone epoch (0-based epochs)."""
     return gamma ** sum(1 for m in milestones if epoch >= m)
@@ -127,6 +146,10 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()
             set_flush_denormals(values["run"]["flush_denormals"])
+            if values["run"]["threads"]:
+                torch.set_num_threads(values["run"]["threads"])
+            acc.print(f"cpu: {torch.get_num_threads()} thread(s) per process (run.threads or OMP_NUM_THREADS sets "
+                      "it; while other work keeps the cores busy, fewer threads are often much faster)")
 
         # ---- data: held on the device, split and labelled reproducibly from the run seed ----
         torch.manual_seed(self.seed)
@@ -136,6 +159,12 @@ class Trainer:
         if values["data"]["validation"] >= len(full_train):
             raise UserError(f"{recipe.path}: data.validation: {values['data']['validation']} held out of a training "
                             f"split of {len(full_train)} leaves nothing to train on; lower it")
+        example_size = math.prod(full_train.x.shape[1:])
+        if example_size != math.prod(dataset.input_shape):
+            entry = dataset_entry
+            raise UserError(f"data.name: dataset {entry.name!r} from plugin {entry.plugin} ({entry.distribution}) "
+                            f"loaded examples of {example_size} values but declares input_shape "
+                            f"{tuple(dataset.input_shape)}; fix the plugin")
         train, validation = split_off(full_train, values["data"]["validation"], self.seed + 1)
         self.num_classes = dataset.num_classes
         in_memory = values["data"]["in_memory"]
@@ -161,6 +190,15 @@ class Trainer:
 
         # ---- model, one optimizer per phase (and per discriminator), all through prepare ----
         self.model: AAE = build_model(recipe, registry, dataset.input_shape, self.num_classes)
+        # What the model was built from, kept in the run folder: a dataset may set its shape per instance (from
+        # its files), so loading the run must not depend on the dataset again.
+        self.model_record = {
+            "input_shape": list(dataset.input_shape), "num_classes": self.num_classes,
+            "value_range": [float(v) if math.isfinite(v) else None
+                            for v in getattr(dataset, "value_range", dataset_entry.cls.value_range)],
+            "plugins_dirs": [str(Path(d).resolve()) for d in getattr(registry, "plugin_dirs", [])],
+            "components": component_sources(values, registry),
+        }
         m = self.model
         trainable_heads = {k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())}
         self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
@@ -213,6 +251,8 @@ class Trainer:
                 raise UserError(f"{checkpoint.path}: model weights do not match this recipe "
                                 f"(differing keys: {sorted(missing)[:5]}...)")
             m.load_state_dict(checkpoint.model)
+        probe = self.train_data.inputs(torch.arange(min(4, len(self.train_data))).to(self.device))
+        check_component_outputs(m, probe, self.model_record["components"], acc.autocast)
         disc_names = list(m.discriminators)
         head_names = [k for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())]
         opt_names = list(self.optimizers)
@@ -243,6 +283,8 @@ class Trainer:
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 7 + acc.process_index)
         self.imbalance = {c: 0 for c in m.discriminators}
         self.warned_imbalance: set[str] = set()
+        self.first_losses: dict[str, float] = {}
+        self.growth_warnings: dict[str, str] = {}
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -383,20 +425,23 @@ class Trainer:
         from aaekit.progress import Progress  # rich, kept out of import time of the CLI
 
         progress = Progress(total_steps, step, enabled=acc.is_main_process)
-        # Ctrl-C only asks to stop: training goes on to the next log step (a step boundary where the ranks
-        # synchronise anyway), so the checkpoint holds whole steps and whole metric windows and resuming stays
-        # exact. A second Ctrl-C stops at once (the last periodic checkpoint remains).
-        interrupt = {"requested": False, "at_boundary": False}
+        # Ctrl-C (SIGINT) and a scheduler's SIGTERM (preemption, time limit) only ask to stop: training goes on to
+        # the next log step (a step boundary where the ranks synchronise anyway), so the checkpoint holds whole
+        # steps and whole metric windows and resuming stays exact. The same signal again stops at once (the last
+        # periodic checkpoint remains).
+        interrupt = {"requested": None, "at_boundary": False}
 
-        def on_sigint(signum, frame):
-            if interrupt["requested"]:
+        def on_stop_signal(signum, frame):
+            if interrupt["requested"] is not None:
                 raise KeyboardInterrupt
-            interrupt["requested"] = True
-            acc.print("interrupt: going on to the next log step, then writing a checkpoint "
-                      "(Ctrl-C again to stop at once)")
+            interrupt["requested"] = signum
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            acc.print(f"{name}: going on to the next log step, then writing a checkpoint "
+                      f"({name} again to stop at once)", flush=True)
 
-        previous_handler = (signal.signal(signal.SIGINT, on_sigint)
-                            if threading.current_thread() is threading.main_thread() else None)
+        stop_signals = (signal.SIGINT, signal.SIGTERM)
+        previous_handlers = ({s: signal.signal(s, on_stop_signal) for s in stop_signals}
+                             if threading.current_thread() is threading.main_thread() else {})
         try:
             with progress:
                 while step < total_steps:
@@ -424,20 +469,23 @@ class Trainer:
                         progress.update(step, epoch, last)
                         sums, window_steps, window_start = {}, 0, time.perf_counter()
                     if ckpt_due and not at_end:
-                        self.save_checkpoint(step, epoch)
-                    if logged and not at_end and self.interrupt_agreed(interrupt["requested"]):
+                        self.save_checkpoint_or_stop(step, epoch)
+                    if logged and not at_end and self.interrupt_agreed(interrupt["requested"] is not None):
                         interrupt["at_boundary"] = True
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             if not interrupt["at_boundary"]:
                 raise  # stopped mid-step: no checkpoint of a half-done step
-            self.save_checkpoint(step, epoch)
-            raise TrainingStopped(f"interrupted at step {step}; checkpoint written to {self.run_dir / 'checkpoints'}; "
-                                  "continue with --resume", exit_code=130) from None
+            self.save_checkpoint_or_stop(step, epoch)
+            signum = interrupt["requested"] or signal.SIGINT  # a rank that got no signal stops with its peers
+            raise TrainingStopped(
+                f"interrupted at step {step} ({signal.Signals(signum).name}); checkpoint written to "
+                f"{self.run_dir / 'checkpoints'}; continue with: aaekit run {self.run_dir / 'recipe.toml'} "
+                f"--resume --output-dir {self.run_dir}", exit_code=128 + int(signum)) from None
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
-        self.save_checkpoint(step, epoch)
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+        self.save_checkpoint_or_stop(step, epoch)
         self.finish(last)
         return last
 
@@ -482,6 +530,7 @@ class Trainer:
         if epoch_done:
             record.update(self.evaluate_epoch())
         self.check_imbalance(values, steps)
+        self.check_growth(values, step)
         if acc.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -509,6 +558,20 @@ class Trainer:
                     f"warning: for code {code!r} the {side} has been winning for {self.imbalance[code]} steps; "
                     "the codes are probably not matching the prior. Balance the learning rates of "
                     "[optim.discriminator] and [optim.generator] (or the discriminator's size).")
+
+    def check_growth(self, values: dict, step: int) -> None:
+        """Warn once per loss that grows far past where it started (a run heading for divergence in bf16 reaches
+        1e30 before it reaches inf); the warning is repeated when the run ends, so an exit 0 does not hide it."""
+        for key, value in values.items():
+            if not key.startswith("loss/"):
+                continue
+            first = self.first_losses.setdefault(key, abs(value))
+            huge = abs(value) > GROWTH_WARNING * max(first, 1.0) or abs(value) > ABSURD_LOSS
+            if huge and key not in self.growth_warnings:
+                self.growth_warnings[key] = (
+                    f"{key} reached {value:.3g} by step {step} (first logged: {first:.3g}); the run is probably "
+                    "diverging: lower the learning rates in [optim.*] and check the data's scale")
+                self.accelerator.print(f"warning: {self.growth_warnings[key]}")
 
     @torch.no_grad()
     def share_buffers(self) -> None:
@@ -563,6 +626,17 @@ class Trainer:
             self._last_good = str(path)
         acc.wait_for_everyone()
 
+    def save_checkpoint_or_stop(self, step: int, epoch: int) -> None:
+        """A checkpoint that cannot be written (disk full, folder removed) stops the run by name: training on
+        without one would risk more than it could lose."""
+        try:
+            self.save_checkpoint(step, epoch)
+        except OSError as exc:
+            raise TrainingStopped(f"cannot write the checkpoint of step {step} under {self.run_dir / 'checkpoints'} "
+                                  f"({exc.strerror or exc}); stopped. The last good checkpoint is kept: "
+                                  f"{self._last_good or 'none yet'}. Free space or fix the folder, then resume.",
+                                  exit_code=4) from None
+
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         acc, state = self.accelerator, checkpoint.state
         if state.get("world_size", 1) != acc.num_processes:
@@ -586,6 +660,8 @@ class Trainer:
 
     def finish(self, last: dict) -> None:
         acc = self.accelerator
+        for warning in self.growth_warnings.values():
+            acc.print(f"warning: {warning}")
         if acc.is_main_process:
             ckpt.save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors")
             if self.train_cfg["pictures"]:
@@ -604,7 +680,20 @@ class Trainer:
 
 def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = False, log_with: str | None = None) -> dict:
     """Train a recipe into ``run_dir`` (created by the caller); resume from its latest checkpoint if asked."""
-    trainer = Trainer(recipe, run_dir, registry, log_with=log_with)
+    threads = torch.get_num_threads()
+    try:
+        return _run_training(recipe, run_dir, registry, resume=resume, log_with=log_with)
+    finally:
+        torch.set_num_threads(threads)  # run.threads applies to the run, not to a caller in the same process
+
+
+def _run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool, log_with: str | None) -> dict:
+    try:
+        trainer = Trainer(recipe, run_dir, registry, log_with=log_with)
+    except BaseException as exc:  # building the model or holding the data can ask for more than there is
+        if is_out_of_memory(exc):
+            raise UserError(out_of_memory_message(exc, recipe)) from None
+        raise
     acc = trainer.accelerator
     checkpoint = None
     try:
@@ -613,6 +702,15 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
             if checkpoint is None:
                 acc.print(f"note: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         trainer.prepare(checkpoint)
+        if acc.is_main_process:  # training starts now: only from here is the folder a run
+            from aaekit.rundir import trim_metrics, write_run_record
+
+            write_run_record(run_dir, recipe, trainer.model_record)
+            replaced = trim_metrics(run_dir, trainer.start["step"]) if resume else 0
+            if replaced:
+                acc.print(f"note: {replaced} metric line(s) past step {trainer.start['step']} are trained again; "
+                          "they were moved to metrics.replaced.jsonl")
+        acc.wait_for_everyone()
         if log_with:
             acc.init_trackers(recipe.values["run"]["name"], config=_flat(recipe.values))
         result = trainer.fit()
@@ -621,7 +719,9 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
         raise
     except UserError:
         raise
-    except BaseException:
+    except BaseException as exc:
+        if is_out_of_memory(exc) and acc.num_processes == 1:
+            raise UserError(out_of_memory_message(exc, recipe)) from None
         if acc.num_processes > 1:
             # The other ranks may be waiting in a collective this one will never join. Leaving at once (no
             # barrier, no atexit teardown) lets the launcher see the failure and stop them, instead of a hang.
@@ -634,6 +734,25 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
             acc.end_training()
     release_ranks(acc)
     return result
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+
+
+def out_of_memory_message(exc: BaseException, recipe: Recipe) -> str:
+    """Name what asked for the memory: the allocation that failed, and the sizes of the recipe that drive it."""
+    values = recipe.values
+    wanted = next((part.strip() for part in str(exc).replace(";", ".").split(". ") if "allocate" in part),
+                  "an allocation failed")
+    discs = ", ".join(f"codes.{c}.discriminator.hidden = {code['discriminator']['hidden']}"
+                      for c, code in values["codes"].items())
+    return (f"{recipe.path}: out of memory ({wanted}) with train.batch_size = {values['train']['batch_size']}, "
+            f"encoder.hidden = {values['encoder']['hidden']}, decoder.hidden = {values['decoder']['hidden']}, "
+            f"{discs}, data.in_memory = {values['data']['in_memory']!r}; lower these sizes (or set "
+            "data.in_memory = false to stream the data)")
 
 
 def release_ranks(acc: Accelerator) -> None:

@@ -131,3 +131,47 @@ def build_model(recipe, registry, input_shape: tuple[int, ...], num_classes: int
     return AAE(encoder=encoder, decoder=decoder, discriminators=discriminators, heads=heads, priors=priors,
                codes=codes, label_conditioned=conditioned, input_shape=input_shape, num_classes=num_classes,
                output=dec["output"], label_input=dec["label_input"])
+
+
+@torch.no_grad()
+def check_component_outputs(model: AAE, x: torch.Tensor, sources: dict, autocast) -> None:
+    """Run every component once on a few examples before training and check the shapes of what it returns, so a
+    plugin's mistake is named (plugin, component, expected and received) instead of surfacing as a traceback
+    deep in a phase. In eval mode with its own generator: no batch-norm statistics or noise stream change."""
+    from aaekit.errors import PluginError
+
+    def blame(key: str, what: str, expected, got) -> PluginError:
+        src = sources.get(key, {})
+        return PluginError(f"{key}: {src.get('kind', 'component')} {src.get('name', '?')!r} from plugin "
+                           f"{src.get('plugin', '?')} ({src.get('distribution', '?')}) returned {what} of shape "
+                           f"{got}, expected {expected}; fix the plugin")
+
+    n, device = x.shape[0], x.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    was_training = model.training
+    model.eval()
+    try:
+        for spec in model.codes:
+            prior = model.priors[spec.name]
+            components = (torch.randint(prior.num_components, (n,), generator=generator, device=device)
+                          if prior.num_components else None)
+            got = prior.sample(n, components, generator=generator, device=device)
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != (n, spec.dim):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise blame(f"codes.{spec.name}.prior", "samples", (n, spec.dim), shape)
+        with autocast():
+            codes = model.encoder(x, generator=generator)
+        for spec in model.codes:
+            got = codes.get(spec.name) if isinstance(codes, dict) else None
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != (n, spec.dim):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else "nothing"
+                raise blame("encoder", f"code {spec.name!r}", (n, spec.dim), shape)
+        labels = torch.zeros(n, dtype=torch.long, device=device) if model.num_classes else None
+        with autocast():
+            for key, head in model.heads.items():
+                built = head(codes, labels)
+                width = model.decoder[0].in_features
+                if built is not None and tuple(built.shape) != (n, width):
+                    raise blame(f"heads.{key}", "a decoder input", (n, width), tuple(built.shape))
+    finally:
+        model.train(was_training)

@@ -19,8 +19,11 @@ PHASES = ("reconstruction", "discriminator", "generator", "classification")
 # keys their component declares.
 CORE: dict[str, dict[str, Param]] = {
     "run": {
-        "name": Param(str, "", help="run directory name under the output folder; defaults to the recipe's stem"),
+        "name": Param(str, "", help="run directory name under runs/ (a plain folder name, no path); defaults to "
+                      "the recipe's stem"),
         "seed": Param(int, 0, min=0),
+        "threads": Param(int, 0, min=0, help="CPU threads for torch's operators (0: torch's default, one per core). "
+                         "When other work keeps the cores busy, fewer threads can be many times faster"),
         "mixed_precision": Param(str, "no", choices=("no", "bf16", "fp16")),
         "flush_denormals": Param(bool, True, help="on a CPU, round numbers below ~1e-38 to zero on every compute "
                                  "thread (denormals put the CPU on a slow path: 10-40 % of a step once Adam's "
@@ -163,11 +166,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, registry=N
     from aaekit.plugins import get_registry
 
     path = Path(path)
-    raw = apply_overrides(read_toml(path), list(overrides or []))
+    overrides = list(overrides or [])
+    raw = apply_overrides(read_toml(path), overrides)
     values, problems = validate(raw, registry or get_registry(), default_name=path.stem)
     if problems:
-        raise RecipeError([f"{path}: {p}" for p in problems])
+        raise RecipeError([blame(p, path, overrides) for p in problems])
     return Recipe(path, values)
+
+
+def blame(problem: str, path: Path, overrides: list[str]) -> str:
+    """Name where a problem's key came from: the command line's KEY=VALUE when an override set it, else the file."""
+    key = problem.split(":", 1)[0]
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == key:
+            return f"command-line override {item!r} (applied to {path}): {problem}"
+    return f"{path}: {problem}"
 
 
 def _table(raw: dict, key: str, where: str, problems: list[str], required: bool = False) -> dict:
@@ -216,6 +229,9 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     run, p = ParamSet(CORE["run"]).check(_table(raw, "run", "", problems), "run.")
     problems += p
     run["name"] = run.get("name") or default_name
+    if not plain_name(run["name"]):
+        problems.append(f"run.name: {run['name']!r} is not a plain folder name (no '/', '\\', '..' or leading "
+                        "'.'); runs go under runs/, use --output-dir to choose another folder")
     out["run"] = run
 
     data_entry, data = _component(registry, "dataset", _table(raw, "data", "", problems, True),
@@ -326,6 +342,11 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     problems += p
     out["train"] = train
     return out, problems
+
+
+def plain_name(name: str) -> bool:
+    """A run name becomes runs/<name>: it must not climb out of runs/ or name a hidden or absolute path."""
+    return bool(name) and not any(c in name for c in "/\\\0:") and not name.startswith(".")
 
 
 def decoder_matches_data(decoder: dict, value_range, dataset: str) -> list[str]:

@@ -157,6 +157,9 @@ def write(path, text):
     ("a,b\n1,2\n,4\n", {}, ["'a'", "NaN"]),
     ("a,b\n", {}, ["empty"]),
     ("a,b\n1,2\n3,4\n", {"label": "lab"}, ["'lab'", "no column"]),
+    # a number column with one bad cell is a number column (by default or listed), and the cell is named
+    ("a,b\n1,2\nn/a?,4\n3,5\n", {}, ["row 2", "'a'", "'n/a?'", 'data.missing = "drop"']),
+    ("a,b\n1,2\n3,4\n5,oops\n", {"columns": ["b"]}, ["row 3", "'b'", "'oops'", 'data.missing = "drop"']),
 ])
 def test_bad_tables_are_refused_by_name(tmp_path, content, params, words):
     csv = write(tmp_path / "bad.csv", content)
@@ -298,3 +301,91 @@ def test_mnist_cache_hit_gives_the_idx_files_tensors_without_importing_datasets(
     rebuilt = MNIST().load("test")
     assert torch.equal(rebuilt.x, fresh.x) and torch.equal(rebuilt.y, fresh.y)
     assert cached_file.stat().st_size > 7_000_000 and not legacy.exists()
+
+
+FEATURES = [f"f{i}" for i in range(13)]
+
+
+def thirteen_column_csv(path, bad_row: int | None = None, n: int = 60):
+    """A table of 13 number columns f0..f12, a text column and a label; ``bad_row`` (0-based) of f7 says "n/a?"."""
+    import pandas as pd
+
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({c: rng.normal(size=n).round(4) for c in FEATURES})
+    frame.insert(3, "name", [f"item {i}" for i in range(n)])
+    frame["label"] = rng.integers(0, 3, size=n)
+    if bad_row is not None:
+        frame["f7"] = frame["f7"].astype(object)
+        frame.loc[bad_row, "f7"] = "n/a?"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def features_line(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("data: features:")]
+    assert len(lines) == 1, stdout[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "unlabelled"])
+@pytest.mark.parametrize("bad_row", [4, 40], ids=["first-chunk", "later-chunk"])
+def test_a_bad_cell_in_a_number_column_is_refused_by_file_column_row_and_value(tmp_path, monkeypatch, bad_row,
+                                                                              labelled):
+    """One "n/a?" among numbers: not a silently dropped column but one error naming where and what. With
+    small chunks the cell lies in the first chunk (the column reads as text when columns are chosen) or in a
+    later one (the column was numbers so far); the row number counts across chunks, from 1 after the header."""
+    import aaekit_builtins.hf_datasets as hf
+
+    monkeypatch.setattr(hf, "CHUNK_ROWS", 16)
+    csv = thirteen_column_csv(tmp_path / "measurements.csv", bad_row)
+    text = recipe_text(csv, 'scale = "standardize"')
+    recipe = write(tmp_path / "bad.toml", text if labelled else text.replace('label = "label"\n', ""))
+    out = tmp_path / "run"
+    result = aaekit("run", str(recipe), "train.max_steps=2", "train.log_every=1", "train.batch_size=16",
+                    "--output-dir", str(out))
+    assert result.returncode == 2, result.stderr[-3000:] + result.stdout[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert str(csv) in errors[0] and "'f7'" in errors[0] and f"row {bad_row + 1}," in errors[0]
+    assert "'n/a?'" in errors[0] and 'data.missing = "drop"' in errors[0]
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert not (out / "model.safetensors").exists()
+
+
+def test_dropping_bad_cells_keeps_all_features_and_says_how_many_rows_went(tmp_path):
+    from aaekit import load
+
+    csv = thirteen_column_csv(tmp_path / "measurements.csv", bad_row=9)
+    recipe = write(tmp_path / "drop.toml", recipe_text(csv, 'scale = "standardize"\nmissing = "drop"'))
+    out = tmp_path / "run"
+    result = aaekit("run", str(recipe), "train.max_steps=2", "train.log_every=1", "train.batch_size=16",
+                    "train.checkpoint_every=0", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    line = features_line(result.stdout)
+    assert line.startswith(f"data: features: {', '.join(FEATURES)};"), line
+    assert "name (text)" in line and "label (the label column)" in line
+    assert "data: dropped 1 of 60 rows of the train split" in result.stdout
+    assert tuple(load(out).model.input_shape) == (13,)
+
+
+def test_default_columns_are_named_with_what_was_left_out(tmp_path, capsys):
+    """Valid data, columns chosen by default: one line names the features and every column left out, once
+    (the cached conversion is not announced again); the numbers are those of the file's number columns."""
+    import aaekit_builtins.hf_datasets as hf
+
+    csv = thirteen_column_csv(tmp_path / "t.csv")
+    ds = HFDataset(source=str(csv), label="label", scale="none")
+    line = features_line(capsys.readouterr().out)
+    assert line == f"data: features: {', '.join(FEATURES)}; left out: name (text), label (the label column)"
+    assert ds.input_shape == (13,) and ds.meta["left_out"] == {"name": "text", "label": "the label column"}
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    assert np.allclose(ds.load("train").x.numpy().sum() + ds.load("test").x.numpy().sum(),
+                       frame[FEATURES].to_numpy().sum(), atol=1e-3)
+    hf._prepared.clear()
+    assert HFDataset(source=str(csv), label="label", scale="none").meta["dir"] == ds.meta["dir"]
+    assert "data: features" not in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"column 'name' is not numeric"):  # listed text keeps its error
+        HFDataset(source=str(csv), columns=["f0", "name"])

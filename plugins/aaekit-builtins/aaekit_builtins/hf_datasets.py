@@ -1,10 +1,10 @@
 """Any table or image collection as an aaekit dataset: a Hugging Face hub id, a ``save_to_disk`` folder,
 Parquet, CSV, JSON lines or an image folder (one sub-folder per class).
 
-The source is read in chunks, checked (columns, types, shapes, NaN, empty splits), preprocessed with
-statistics of the training split only, and written once per split to an Arrow IPC file in the cache, as one
-record batch: ``x`` (fixed-size list of float32, or uint8 for images in [0, 1]) and ``y`` (int64, -1 when
-unlabelled). Loading maps that file into memory, so a split larger than RAM is never read whole; the cache
+The source is read in chunks, checked (columns, types, shapes, NaN, cells that are not numbers, empty
+splits), preprocessed with statistics of the training split only, and written once per split to an Arrow
+IPC file in the cache, as one record batch: ``x`` (fixed-size list of float32, or uint8 for images in
+[0, 1]) and ``y`` (int64, -1 when unlabelled). Loading maps that file into memory, so a split larger than RAM is never read whole; the cache
 key covers every parameter and the size and modification time of every source file.
 """
 
@@ -27,8 +27,11 @@ from aaekit.hookspecs import hookimpl
 from aaekit.params import Param
 from aaekit_builtins.datasets import read_arrow, write_arrow
 
-CONVERTER_VERSION = 1  # bump when the cached layout or the preprocessing changes meaning
+CONVERTER_VERSION = 2  # bump when the cached layout or the preprocessing changes meaning
+# 2: text cells in numeric columns are read as numbers (bad cells refused or dropped); no silent column drops
 CHUNK_ROWS = 4096
+# Text cells that mean "no value" (as pandas' CSV reader reads them): missing, not bad numbers.
+MISSING_TEXTS = ("nan", "-nan", "+nan", "na", "n/a", "null", "none", "#n/a", "<na>")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                 ".arrow": "arrow"}
@@ -109,10 +112,39 @@ def image_splits(path: Path) -> dict[str, list[tuple[Path, str]]]:
 
 
 class SourceSplit:
-    """One split of the source: ``where`` names it in messages, ``tables()`` yields pyarrow tables."""
+    """One split of the source: ``where`` names it in messages; ``chunks()`` yields pyarrow tables, each with
+    the file (or source) it comes from and the 0-based index of its first row there, counted across chunks."""
 
-    def __init__(self, where: str, tables, class_names: list[str] | None = None):
-        self.where, self.tables, self.class_names = where, tables, class_names
+    def __init__(self, where: str, chunks, class_names: list[str] | None = None):
+        self.where, self.chunks, self.class_names = where, chunks, class_names
+
+    def tables(self):
+        return (table for table, _, _ in self.chunks())
+
+
+def numbered(tables, origin: str):
+    """``(table, origin, first_row)`` for a stream of tables from one file or source."""
+    first = 0
+    for table in tables:
+        yield table, origin, first
+        first += table.num_rows
+
+
+def arrow_table(frame):
+    """A pandas chunk as a pyarrow table; an object column mixing text and numbers (JSON lines) is read as
+    text, so that its non-numbers are reported cell by cell instead of failing the whole file."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        frame = frame.copy()
+        for c in frame.columns[frame.dtypes == object]:
+            values = frame[c]
+            if values.map(lambda v: isinstance(v, str)).any():
+                frame[c] = values.map(lambda v: v if v is None or isinstance(v, str) or (isinstance(v, float) and v != v)
+                                      else str(v))
+        return pa.Table.from_pandas(frame, preserve_index=False)
 
 
 def open_source(params: dict, path: Path | None, fmt: str) -> dict[str, SourceSplit]:
@@ -135,11 +167,11 @@ def open_source(params: dict, path: Path | None, fmt: str) -> dict[str, SourceSp
                 else:
                     chunks = pd.read_json(f, lines=True, chunksize=CHUNK_ROWS)
                 for frame in chunks:
-                    yield pa.Table.from_pandas(frame, preserve_index=False)
+                    yield arrow_table(frame)
 
             def guarded():
                 try:
-                    yield from tables()
+                    yield from numbered(tables(), str(f))
                 except (ValueError, OSError, pa.ArrowException) as exc:
                     if isinstance(exc, UserError):
                         raise
@@ -164,8 +196,8 @@ def open_source(params: dict, path: Path | None, fmt: str) -> dict[str, SourceSp
                     part = items[start:start + CHUNK_ROWS]
                     yield pa.table({"image": [{"bytes": None, "path": str(p)} for p, _ in part],
                                     "label": [names.index(c) if c else None for _, c in part]})
-            out[split] = SourceSplit(str(path / split if split != "train" or (path / "train").is_dir() else path),
-                                     tables, names or None)
+            where = str(path / split if split != "train" or (path / "train").is_dir() else path)
+            out[split] = SourceSplit(where, lambda tables=tables, where=where: numbered(tables(), where), names or None)
         return out
 
     import datasets
@@ -192,9 +224,10 @@ def open_source(params: dict, path: Path | None, fmt: str) -> dict[str, SourceSp
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
         if ds._indices is not None:  # a selected/shuffled view: materialise its order
             table = ds.with_format("arrow")[:]
-        out[split] = SourceSplit(f"{where} (split {split!r})",
-                                 lambda table=table: (table.slice(s, CHUNK_ROWS)
-                                                      for s in range(0, table.num_rows, CHUNK_ROWS)),
+        name = f"{where} (split {split!r})"
+        out[split] = SourceSplit(name,
+                                 lambda table=table, name=name: numbered(
+                                     (table.slice(s, CHUNK_ROWS) for s in range(0, table.num_rows, CHUNK_ROWS)), name),
                                  names)
     return out
 
@@ -257,23 +290,98 @@ def column_values(column, name: str, where: str, params: dict) -> np.ndarray:
                     "(or encode it as numbers)")
 
 
-def choose_columns(schema_names: list[str], table, params: dict, where: str) -> list[str]:
+def is_text(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def parse_numbers(column) -> tuple[np.ndarray, np.ndarray, int]:
+    """A text column read as numbers: float64 values (NaN where a cell is empty, says "no value", or is not a
+    number), the mask of the cells that are not numbers, and the count of cells that hold a value."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.utf8_trim_whitespace(column)
+    missing = pc.fill_null(pc.or_(pc.equal(text, ""), pc.is_in(pc.utf8_lower(text), value_set=pa.array(MISSING_TEXTS))),
+                           True)
+    missing = np.asarray(missing.to_numpy(), dtype=bool) if len(column) else np.zeros(0, bool)
+    values = pd.to_numeric(pd.Series(text.to_pylist(), dtype=object), errors="coerce")
+    values = np.array(values, dtype=np.float64)  # a copy: the missing cells are set below
+    values[missing] = np.nan
+    bad = np.isnan(values) & ~missing
+    return values, bad, int((~missing).sum())
+
+
+def text_kind(column) -> str:
+    """"numbers" when most cells that hold a value are numbers (a numeric column with some bad cells),
+    "text" when most are not, "empty" when none holds a value."""
+    _, bad, filled = parse_numbers(column)
+    if not filled:
+        return "empty"
+    return "numbers" if filled - int(bad.sum()) > filled / 2 else "text"
+
+
+def is_number_column(column) -> bool:
+    """Read as one number per row: a numeric type, or text that is mostly numbers."""
+    import pyarrow as pa
+
+    t = column.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return True
+    return is_text(t) and text_kind(column) == "numbers"
+
+
+def choose_columns(schema_names: list[str], table, params: dict, where: str) -> tuple[list[str], set[str], dict | None]:
+    """The input columns; those read as numbers (text cells in them are parsed, and a cell that is not a
+    number is refused or dropped); and, when chosen by default, the columns left out, each with why."""
     import pyarrow as pa
 
     if params["columns"]:
         for c in params["columns"]:
             if c not in schema_names:
                 raise UserError(f"{where}: data.columns: no column {c!r}; columns: {', '.join(schema_names)}")
-        return list(params["columns"])
+        columns = list(params["columns"])
+        return columns, {c for c in columns if is_number_column(table.column(c))}, None
     label = params["label"]
+    left: dict[str, str] = {}
     images = [c for c in schema_names if is_image_column(table.column(c))]
     if images:
-        return images[:1]
-    numeric = [c for c in schema_names if c != label and (
-        pa.types.is_integer(table.column(c).type) or pa.types.is_floating(table.column(c).type))]
+        for c in schema_names:
+            if c != images[0]:
+                left[c] = ("the label column" if c == label else
+                           "another image column" if c in images else "the image column is used")
+        return images[:1], set(), left
+    numeric = []
+    for c in schema_names:
+        column = table.column(c)
+        t = column.type
+        if c == label:
+            left[c] = "the label column"
+        elif pa.types.is_integer(t) or pa.types.is_floating(t):
+            numeric.append(c)
+        elif is_text(t):
+            kind = text_kind(column)
+            if kind == "numbers":
+                numeric.append(c)
+            else:
+                left[c] = kind
+        else:
+            left[c] = "null: no values" if pa.types.is_null(t) else str(t)
     if not numeric:
-        raise UserError(f"{where}: no numeric columns; name the input columns in data.columns")
-    return numeric
+        raise UserError(f"{where}: no numeric columns (left out: {describe_left_out(left)}); name the input "
+                        "columns in data.columns")
+    return numeric, set(numeric), left
+
+
+def describe_left_out(left: dict) -> str:
+    return ", ".join(f"{c} ({why})" for c, why in left.items()) or "none"
+
+
+def shorten(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def label_values(column, where: str, name: str, names: list[str] | None, string_labels: dict) -> np.ndarray:
@@ -305,27 +413,45 @@ def label_values(column, where: str, name: str, names: list[str] | None, string_
     return out
 
 
-def stage_split(split: SourceSplit, params: dict, stage: Path) -> dict:
-    """Read, check and append one split to raw files ``stage.x``/``stage.y``; return its description."""
+def stage_split(split: SourceSplit, params: dict, stage: Path, chosen: dict | None = None) -> dict:
+    """Read, check and append one split to raw files ``stage.x``/``stage.y``; return its description.
+    ``chosen``: the train split's description, whose columns the test split uses."""
     info = {"rows": 0, "shape": None, "dtype": None, "dropped": 0}
     label = params["label"]
-    columns = None
+    columns, numbers = (chosen["columns"], set(chosen["numbers"])) if chosen else (None, set())
+    if chosen:
+        info["columns"], info["numbers"] = chosen["columns"], chosen["numbers"]
     string_labels = split.__dict__.setdefault("string_labels", {})
     with open(stage.with_suffix(".x"), "wb") as fx, open(stage.with_suffix(".y"), "wb") as fy:
-        for table in split.tables():
+        for table, origin, first_row in split.chunks():
             if table.num_rows == 0:  # an empty file has no types to check; the empty split is reported below
                 continue
             names = table.column_names
             if columns is None:
-                columns = choose_columns(names, table, params, split.where)
-                if label and label not in names:
-                    raise UserError(f"{split.where}: data.label: no column {label!r}; columns: {', '.join(names)}")
-                info["columns"] = columns
-            parts = []
+                columns, numbers, left = choose_columns(names, table, params, split.where)
+                info["columns"], info["numbers"] = columns, sorted(numbers)
+                if left is not None:  # chosen by default: say what became a feature and what did not
+                    info["left_out"] = left
+                    print(f"data: features: {', '.join(columns)}; left out: {describe_left_out(left)}", flush=True)
+            if label and label not in names:
+                raise UserError(f"{split.where}: data.label: no column {label!r}; columns: {', '.join(names)}")
+            parts, bad_cells = [], []
             for c in columns:
                 if c not in names:
                     raise UserError(f"{split.where}: data.columns: no column {c!r}; columns: {', '.join(names)}")
-                parts.append(column_values(table.column(c), c, split.where, params))
+                column = table.column(c)
+                if c in numbers and is_text(column.type):
+                    values, bad, _ = parse_numbers(column)
+                    if bad.any():
+                        bad_cells.append((int(np.argmax(bad)), c, column))
+                    parts.append(values.astype(np.float32)[:, None])
+                else:
+                    parts.append(column_values(column, c, split.where, params))
+            if bad_cells and params["missing"] != "drop":
+                row, c, column = min(bad_cells, key=lambda cell: cell[0])  # the first bad cell of the chunk
+                raise UserError(f"{origin}: row {first_row + row + 1}, column {c!r}: {shorten(column[row].as_py())} "
+                                "is not a number; clean the file, or set data.missing = \"drop\" to drop the rows "
+                                "with such cells")
             images = len(columns) == 1 and parts[0].dtype == np.uint8
             x = parts[0] if images else np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
             y = (label_values(table.column(label), split.where, label, split.class_names, string_labels)
@@ -392,6 +518,7 @@ def prepare(params: dict) -> dict:
             if all((target / f"{s}.arrow").exists() for s in ("train", "test")):
                 meta["dir"] = str(target)
                 _prepared[key] = meta
+                report_dropped(meta)  # every run that uses these rows is told that some were dropped
                 return meta
         except (OSError, ValueError):
             pass  # a broken cache entry is rebuilt, never trusted
@@ -399,6 +526,15 @@ def prepare(params: dict) -> dict:
     meta["dir"] = str(target)
     _prepared[key] = meta
     return meta
+
+
+def report_dropped(meta: dict) -> None:
+    """Say how many rows each split of the source lost to data.missing = "drop" (nothing when none)."""
+    dropped, kept = meta.get("dropped") or {}, meta.get("kept") or {}
+    if not any(dropped.values()):
+        return
+    counts = ", ".join(f"{n} of {n + kept.get(s, 0)} rows of the {s} split" for s, n in dropped.items())
+    print(f"data: dropped {counts} (missing, infinite or non-numeric values; data.missing = \"drop\")", flush=True)
 
 
 def convert(params: dict, path: Path | None, fmt: str, target: Path) -> dict:
@@ -417,7 +553,7 @@ def convert(params: dict, path: Path | None, fmt: str, target: Path) -> dict:
         test_source = splits.get(params["test_split"]) if params["test_split"] else None
         if test_source is not None:
             test_source.__dict__["string_labels"] = train_source.__dict__["string_labels"]
-            info["test"] = stage_split(test_source, params, work / "stage-test")
+            info["test"] = stage_split(test_source, params, work / "stage-test", info["train"])
             if info["test"]["shape"] != info["train"]["shape"]:
                 raise UserError(f"{test_source.where}: rows of shape {info['test']['shape']} but the train split "
                                 f"has {info['train']['shape']}; both splits need the same shape")
@@ -448,11 +584,13 @@ def convert(params: dict, path: Path | None, fmt: str, target: Path) -> dict:
         meta = {"shape": list(shape), "num_classes": num_classes, "class_names": names,
                 "rows": {s: int(len(p[1]) if p[2] is None else p[2].sum()) for s, p in parts.items()},
                 "dropped": {s: i["dropped"] for s, i in info.items()}, "columns": info["train"]["columns"],
+                "kept": {s: i["rows"] for s, i in info.items()}, "left_out": info["train"].get("left_out"),
                 "dtype": "uint8" if stats is None and info["train"]["dtype"] == "uint8" else "float32",
                 "source": where, "format": fmt}
         for f in work.glob("stage-*"):
             f.unlink()
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
+        report_dropped(meta)
         del x, y, parts
         try:
             os.replace(work, target)
@@ -530,7 +668,7 @@ class HFDataset(Dataset):
         "format": Param(str, "auto", choices=("auto", "csv", "json", "parquet", "arrow", "imagefolder", "hub")),
         "config": Param(str, "", help="hub dataset configuration name"),
         "columns": Param(list, [], item=str, help="input columns (default: the image column, else every numeric "
-                                                   "column but the label)"),
+                                                   "column but the label; the choice is printed)"),
         "label": Param(str, "", help="label column (integers or class names; empty cells: unlabelled)"),
         "train_split": Param(str, "train"),
         "test_split": Param(str, "test", help="when the source lacks it, test_fraction of the train rows is held out"),
@@ -542,7 +680,8 @@ class HFDataset(Dataset):
         "flatten": Param(bool, False, help="declare inputs as flat vectors even for images"),
         "image_mode": Param(str, "L", choices=("L", "RGB")),
         "image_size": Param(list, [], item=int, min=1, help="[H, W] to resize images to (required if sizes differ)"),
-        "missing": Param(str, "error", choices=("error", "drop"), help="rows with NaN values: refuse, or drop them"),
+        "missing": Param(str, "error", choices=("error", "drop"),
+                         help="rows with NaN values or cells that are not numbers: refuse, or drop them (counted)"),
         "delimiter": Param(str, "", help="CSV field separator (default: ',' or tab for .tsv)"),
         "comment": Param(str, "", help="CSV comment character, e.g. '#'"),
         "limit": Param(int, 0, min=0, help="use only the first N training rows (0: all)"),

@@ -13,6 +13,12 @@ from aaekit.params import Param
 
 TRUNK_PARAMS = {
     "batch_norm": Param(bool, False, help="batch-normalise every hidden layer of the encoder before its ReLU"),
+    "input_dropout": Param(float, 0.0, min=0.0, max=0.9,
+                           help="while training, zero this fraction of the encoder's input values (scaled up to keep "
+                                "the mean), drawn from the run's noise stream so that resuming stays exact"),
+    "logit_batch_norm": Param(bool, False,
+                              help="batch-normalise the logits of every categorical code (learned scale and shift) "
+                                   "before the softmax, so that q(y|x) can grow nearly one-hot"),
 }
 
 
@@ -20,13 +26,17 @@ class MLPPosterior(Posterior):
     """An MLP trunk with one output layer per code; categorical codes are a softmax."""
 
     def __init__(self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], extra_inputs: int = 0,
-                 batch_norm: bool = False, **params):
+                 batch_norm: bool = False, input_dropout: float = 0.0, logit_batch_norm: bool = False, **params):
         super().__init__(input_dim=input_dim, codes=codes, hidden=hidden)
+        self.input_dropout = input_dropout
         last_norm = [nn.BatchNorm1d(hidden[-1])] if batch_norm else []
         self.trunk = nn.Sequential(mlp([input_dim + extra_inputs, *hidden], batch_norm=batch_norm), *last_norm,
                                    nn.ReLU())
         self.outputs = nn.ModuleDict(
             {c.name: nn.Linear(hidden[-1], self.output_size(c)) for c in codes}
+        )
+        self.logit_norms = nn.ModuleDict(
+            {c.name: nn.BatchNorm1d(c.dim) for c in codes if logit_batch_norm and c.kind == "categorical"}
         )
 
     def output_size(self, code: CodeSpec) -> int:
@@ -38,11 +48,21 @@ class MLPPosterior(Posterior):
     def trunk_input(self, x: torch.Tensor, generator) -> torch.Tensor:
         return x
 
+    def dropped_out(self, x: torch.Tensor, generator) -> torch.Tensor:
+        # our own mask rather than nn.Dropout: torch's global RNG is not part of a checkpoint, the noise stream is
+        keep = 1.0 - self.input_dropout
+        mask = torch.rand(x.shape, generator=generator, device=x.device) < keep
+        return x * mask.to(x.dtype) / keep
+
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        if self.training and self.input_dropout > 0:
+            x = self.dropped_out(x, generator)
         h = self.trunk(self.trunk_input(x, generator))
         codes = {}
         for spec in self.codes:
             out = self.outputs[spec.name](h)
+            if spec.name in self.logit_norms:
+                out = self.logit_norms[spec.name](out)
             if spec.kind == "categorical":
                 codes[f"{spec.name}_logits"] = out
                 codes[spec.name] = torch.softmax(out.float(), dim=1).to(out.dtype)
