@@ -171,7 +171,7 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
     from aaekit.checkpoint import checkpoint_model, load_tensors
     from aaekit.plugins import get_registry
     from aaekit.recipe import load_recipe
-    from aaekit.rundir import read_model_record
+    from aaekit.runs import read_model_record
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -219,3 +219,61 @@ def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:
     if skipped:
         warn(f"resuming from the previous good checkpoint {path.name}")
     return checkpoint
+
+
+# ---- a training run's whole state: what the engine saves at a checkpoint and restores on --resume ----------------
+
+def stream_tensors(trainer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every rank's noise generator state (gathered to all, a collective), plus the shared batch streams."""
+    acc = trainer.accelerator
+    noise = trainer.noise.get_state()
+    if acc.num_processes > 1:
+        gathered = acc.gather(noise.to(trainer.device).to(torch.int32).unsqueeze(0))
+        tensors = {f"noise.rank{r}": gathered[r].cpu().to(torch.uint8) for r in range(acc.num_processes)}
+    else:
+        tensors = {"noise.rank0": noise}
+    info, tensors["batches"] = trainer.batches.state()
+    info = {"batches": info}
+    if trainer.labelled_batches is not None:
+        info["labelled_batches"], tensors["labelled_batches"] = trainer.labelled_batches.state()
+    return tensors, info
+
+
+def save_training(trainer, step: int, epoch: int) -> Path | None:
+    """Write the checkpoint of ``step`` (collective: every rank calls it; rank 0 writes). Returns its folder."""
+    acc = trainer.accelerator
+    rng, info = stream_tensors(trainer)
+    path = None
+    if acc.is_main_process:
+        opt_tensors: dict[str, torch.Tensor] = {}
+        opt_meta = {name: optimizer_to_files(name, opt.state_dict(), opt_tensors)
+                    for name, opt in trainer.optimizers.items()}
+        state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "streams": info,
+                 "optimizers": opt_meta, "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                 "imbalance": trainer.monitor.imbalance}
+        path = write_checkpoint(trainer.run_dir / "checkpoints", step, trainer.model.state_dict(), opt_tensors, rng,
+                                state, keep=trainer.train_cfg["keep_checkpoints"])
+    acc.wait_for_everyone()
+    return path
+
+
+def restore_training(trainer, checkpoint: Checkpoint) -> dict:
+    """Load optimizer, scaler and stream states (the weights are loaded before preparing); returns the start."""
+    acc, state = trainer.accelerator, checkpoint.state
+    if state.get("world_size", 1) != acc.num_processes:
+        acc.print(f"note: checkpoint was written by {state.get('world_size')} processes, resuming on "
+                  f"{acc.num_processes}; the noise streams restart per rank")
+    for name, opt in trainer.optimizers.items():
+        if name not in state["optimizers"]:
+            raise UserError(f"{checkpoint.path}: no optimizer state for phase {name!r}; the recipe changed")
+        opt.load_state_dict(optimizer_from_files(name, state["optimizers"][name], checkpoint.optimizers))
+    if state.get("scaler") and acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    key = f"noise.rank{acc.process_index}"
+    if key in checkpoint.rng:
+        trainer.noise.set_state(checkpoint.rng[key])
+    trainer.batches.restore(state["streams"]["batches"], checkpoint.rng["batches"])
+    if trainer.labelled_batches is not None and "labelled_batches" in checkpoint.rng:
+        trainer.labelled_batches.restore(state["streams"]["labelled_batches"], checkpoint.rng["labelled_batches"])
+    trainer.monitor.imbalance.update(state.get("imbalance", {}))
+    return {"step": int(state["step"]), "epoch": int(state["epoch"])}

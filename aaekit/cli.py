@@ -75,7 +75,7 @@ def run(recipe, overrides, output_dir, resume, log_with, plugins_dirs):
 
     registry = registry_for(plugins_dirs)
     resolved = load_recipe(recipe, list(overrides), registry)
-    from aaekit.training import train
+    from aaekit.runs import train
 
     run_dir = train(resolved, registry, output_dir=output_dir, resume=resume, log_with=log_with)
     if run_dir is not None:

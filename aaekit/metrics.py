@@ -6,7 +6,7 @@ Every variant maps clusters to labels from the *training* split and counts error
 - ``paper``: cluster i gets the label of the training image with the highest q(y=i|x);
 - ``majority``: cluster i gets the most frequent label among the training images assigned to it;
 - ``hungarian``: a one-to-one matching of clusters to labels that maximises the training images it gets
-  right (the assignment problem, solved by ``linear_assignment``). With more clusters than classes the
+  right (the assignment problem, solved by scipy's ``linear_sum_assignment``). With more clusters than classes the
   unmatched clusters name no label, so their images count as errors: the strictest of the three.
 
 A cluster that names no label (-1) makes every image assigned to it an error.
@@ -18,53 +18,15 @@ import torch
 
 
 def linear_assignment(cost: torch.Tensor) -> torch.Tensor:
-    """Minimum-cost assignment of the rows of ``cost`` (n x m, n <= m) to distinct columns.
+    """Minimum-cost assignment of the rows of ``cost`` (n x m, n <= m) to distinct columns: for each row, its
+    column (scipy's solver of the assignment problem)."""
+    from scipy.optimize import linear_sum_assignment
 
-    The Hungarian method with row/column potentials (dual variables): rows are added one at a time, and
-    each is placed by growing a shortest augmenting path over reduced costs (Dijkstra-like), so the whole
-    solve is O(n^2 m). Returns, for each row, its column.
-    """
     n, m = cost.shape
     if n > m:
         raise ValueError(f"linear_assignment needs rows <= columns, got {n} x {m}")
-    c = cost.double().tolist()
-    inf = float("inf")
-    u, v = [0.0] * (n + 1), [0.0] * (m + 1)  # potentials; index 0 is a virtual row/column
-    row_of = [0] * (m + 1)  # row_of[j]: 1-based row matched to column j (0: none)
-    for i in range(1, n + 1):
-        row_of[0] = i
-        j0 = 0
-        best = [inf] * (m + 1)  # smallest reduced cost reaching each column
-        came_from = [0] * (m + 1)
-        used = [False] * (m + 1)
-        while True:
-            used[j0] = True
-            i0, delta, j1 = row_of[j0], inf, 0
-            for j in range(1, m + 1):
-                if not used[j]:
-                    reduced = c[i0 - 1][j - 1] - u[i0] - v[j]
-                    if reduced < best[j]:
-                        best[j], came_from[j] = reduced, j0
-                    if best[j] < delta:
-                        delta, j1 = best[j], j
-            for j in range(m + 1):  # shift potentials so the tight edges stay tight
-                if used[j]:
-                    u[row_of[j]] += delta
-                    v[j] -= delta
-                else:
-                    best[j] -= delta
-            j0 = j1
-            if row_of[j0] == 0:  # reached a free column: augment along the path back
-                break
-        while j0:
-            j_prev = came_from[j0]
-            row_of[j0] = row_of[j_prev]
-            j0 = j_prev
-    column = [0] * n
-    for j in range(1, m + 1):
-        if row_of[j]:
-            column[row_of[j] - 1] = j - 1
-    return torch.tensor(column, dtype=torch.long)
+    rows, columns = linear_sum_assignment(cost.double().cpu().numpy())
+    return torch.as_tensor(columns[rows.argsort()], dtype=torch.long)
 
 
 def contingency(assigned: torch.Tensor, labels: torch.Tensor, clusters: int, classes: int) -> torch.Tensor:

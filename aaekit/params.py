@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 REQUIRED = object()
 
@@ -28,6 +28,9 @@ class Param:
     choices: tuple | None = None
     item: Any = None
     min_len: int | None = None
+    # A rule beyond type and bounds: called with the coerced value, returns a problem (the text after
+    # "expected ...", e.g. 'a fraction in (0, 1]') or None.
+    check: Callable[[Any], str | None] | None = None
 
     @property
     def required(self) -> bool:
@@ -47,7 +50,7 @@ class Param:
             bounds.append(f"<= {self.max:g}")
         return words + (" " + " and ".join(bounds) if bounds else "")
 
-    def check(self, value: Any) -> tuple[Any, str | None]:
+    def resolve(self, value: Any) -> tuple[Any, str | None]:
         """Return (value coerced to the declared type, problem or None)."""
         types = self.type if isinstance(self.type, tuple) else (self.type,)
         value = unwrap_override(value, types)
@@ -70,7 +73,8 @@ class Param:
         if self.choices is not None and coerced not in self.choices:
             hint = did_you_mean(str(coerced), [str(c) for c in self.choices])
             return value, f"expected {self.describe()}, got {_show(value)}{hint}"
-        return coerced, self._bounds(coerced)
+        problem = self._bounds(coerced) or (self.check(coerced) if self.check is not None else None)
+        return coerced, problem
 
     def _bounds(self, v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -133,7 +137,7 @@ class ParamSet:
                     f"{where}{key}: unknown key{did_you_mean(key, self.params)}; known keys here: {known}"
                 )
                 continue
-            coerced, problem = param.check(value)
+            coerced, problem = param.resolve(value)
             if problem:
                 problems.append(f"{where}{key}: {problem}")
             else:

@@ -19,8 +19,9 @@ PHASES = ("reconstruction", "discriminator", "generator", "classification")
 # keys their component declares.
 CORE: dict[str, dict[str, Param]] = {
     "run": {
-        "name": Param(str, "", help="run directory name under runs/ (a plain folder name, no path); defaults to "
-                      "the recipe's stem"),
+        "name": Param(str, "", check=lambda v: name_problem(v),
+                      help="run directory name under runs/ (a plain folder name, no path); defaults to the "
+                           "recipe's stem"),
         "seed": Param(int, 0, min=0),
         "threads": Param(int, 0, min=0, help="CPU threads for torch's operators (0: torch's default, one per core). "
                          "When other work keeps the cores busy, fewer threads can be many times faster"),
@@ -36,12 +37,13 @@ CORE: dict[str, dict[str, Param]] = {
     "data": {
         "name": Param(str, help='the dataset plugin, e.g. name = "mnist"'),
         "labelled": Param(
-            (int, float, str), "all",
+            (int, float, str), "all", check=lambda v: labelled_problem(v),
             help='"all", a count of labelled training images, or a fraction in (0, 1]; the rest are unlabelled',
         ),
         "validation": Param(int, 0, min=0, help="training images held out for per-epoch validation"),
-        "in_memory": Param((bool, str), "auto", help='"auto": hold the training split on the device when it '
-                           "fits in half the free memory, else stream it; true/false force one way"),
+        "in_memory": Param((bool, str), "auto", check=lambda v: in_memory_problem(v),
+                           help='"auto": hold the training split on the device when it fits in half the free '
+                                "memory, else stream it; true/false force one way"),
     },
     "encoder": {
         "name": Param(str, help='the posterior plugin: "deterministic", "gaussian" or "universal"'),
@@ -229,9 +231,8 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     run, p = ParamSet(CORE["run"]).check(_table(raw, "run", "", problems), "run.")
     problems += p
     run["name"] = run.get("name") or default_name
-    if not plain_name(run["name"]):
-        problems.append(f"run.name: {run['name']!r} is not a plain folder name (no '/', '\\', '..' or leading "
-                        "'.'); runs go under runs/, use --output-dir to choose another folder")
+    if name_problem(run["name"]):  # the default, from the file's name
+        problems.append(f"run.name: {name_problem(run['name'])}")
     out["run"] = run
 
     data_entry, data = _component(registry, "dataset", _table(raw, "data", "", problems, True),
@@ -242,15 +243,6 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     except UserError as exc:  # a dataset that must look at its files to count classes
         problems.append(str(exc))
         data_entry, num_classes = None, None
-    if isinstance(data.get("in_memory"), str) and data["in_memory"] != "auto":
-        problems.append(f"data.in_memory: expected \"auto\", true or false, got {data['in_memory']!r}")
-    labelled = data.get("labelled")
-    if isinstance(labelled, str) and labelled != "all":
-        problems.append(f"data.labelled: expected \"all\", a count or a fraction in (0, 1], got {labelled!r}")
-    if isinstance(labelled, float) and not 0 < labelled <= 1:
-        problems.append(f"data.labelled: a fraction must be in (0, 1], got {labelled}")
-    if isinstance(labelled, int) and labelled < 0:
-        problems.append(f"data.labelled: a count must be >= 0, got {labelled}")
 
     enc_entry, encoder = _component(registry, "posterior", _table(raw, "encoder", "", problems, True),
                                     CORE["encoder"], "encoder.", problems)
@@ -344,9 +336,28 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     return out, problems
 
 
-def plain_name(name: str) -> bool:
+def name_problem(name: str) -> str | None:
     """A run name becomes runs/<name>: it must not climb out of runs/ or name a hidden or absolute path."""
-    return bool(name) and not any(c in name for c in "/\\\0:") and not name.startswith(".")
+    if not name or (not any(c in name for c in "/\\\0:") and not name.startswith(".")):
+        return None
+    return (f"{name!r} is not a plain folder name (no '/', '\\', '..' or leading '.'); runs go under runs/, use "
+            "--output-dir to choose another folder")
+
+
+def labelled_problem(labelled) -> str | None:
+    if isinstance(labelled, str) and labelled != "all":
+        return f"expected \"all\", a count or a fraction in (0, 1], got {labelled!r}"
+    if isinstance(labelled, float) and not 0 < labelled <= 1:
+        return f"a fraction must be in (0, 1], got {labelled}"
+    if isinstance(labelled, int) and labelled < 0:
+        return f"a count must be >= 0, got {labelled}"
+    return None
+
+
+def in_memory_problem(value) -> str | None:
+    if isinstance(value, str) and value != "auto":
+        return f"expected \"auto\", true or false, got {value!r}"
+    return None
 
 
 def decoder_matches_data(decoder: dict, value_range, dataset: str) -> list[str]:

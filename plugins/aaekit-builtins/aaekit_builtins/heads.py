@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aaekit.contracts import Head
-from aaekit.hookspecs import hookimpl
-from aaekit.params import Param
+from aaekit.plugin import Head, Param, hookimpl
+
 
 
 class ClassifierHead(Head):

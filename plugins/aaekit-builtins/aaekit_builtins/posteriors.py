@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aaekit.contracts import CodeSpec, Posterior
-from aaekit.hookspecs import hookimpl
-from aaekit.nets import mlp
-from aaekit.params import Param
+from aaekit.plugin import CodeSpec, Param, Posterior, hookimpl, mlp
+
 
 
 TRUNK_PARAMS = {

@@ -8,9 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from aaekit.contracts import Prior
-from aaekit.hookspecs import hookimpl
-from aaekit.params import Param
+from aaekit.plugin import Param, Prior, hookimpl
+
 
 
 class GaussianPrior(Prior):

@@ -7,9 +7,8 @@ import math
 
 import torch
 
-from aaekit.contracts import ArrayData, Dataset
-from aaekit.hookspecs import hookimpl
-from aaekit.params import Param
+from aaekit.plugin import ArrayData, Dataset, Param, hookimpl
+
 
 SPLIT_OFFSET = {"train": 0, "test": 1}  # each split has its own stream from the same seed
 
