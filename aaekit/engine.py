@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from aaekit.model import AAE, build_model, check_component_outputs
 from aaekit.monitor import Monitor
 from aaekit.optim import base_lr, hot_path, lr_scale, phase_optimizers, uses_master_weights
 from aaekit.recipe import Recipe, dataset_params
+from aaekit.runs import model_record, refuse_lonely_process
 from aaekit.stopping import StopRequests
 from aaekit.switches import TestSwitches
 
@@ -149,15 +149,7 @@ class Trainer:
         self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
         if self.classifying_heads and len(self.labelled_index) == 0:
             raise UserError(f"{self.recipe.path}: data.labelled: a classification head needs labelled examples")
-        # What the model was built from, kept in the run folder: a dataset may set its shape per instance (from its
-        # files), so loading the run must not depend on the dataset again.
-        value_range = getattr(self.dataset, "value_range", self.dataset_entry.cls.value_range)
-        self.model_record = {
-            "input_shape": list(self.dataset.input_shape), "num_classes": self.num_classes,
-            "value_range": [float(v) if math.isfinite(v) else None for v in value_range],
-            "plugins_dirs": [str(Path(d).resolve()) for d in getattr(self.registry, "plugin_dirs", [])],
-            "components": component_sources(values, self.registry),
-        }
+        self.model_record = model_record(values, self.registry, self.dataset, self.dataset_entry)
         self.master_weights = None
         if uses_master_weights(values, self.device):
             self.master_weights = MasterWeights(m, [m.encoder, m.decoder, *m.discriminators.values(),
@@ -441,26 +433,3 @@ class Trainer:
                 write_pictures(self, self.run_dir)
         self.switches.after_finish(self.model.state_dict(), acc.process_index)
         acc.wait_for_everyone()
-
-
-def component_sources(values: dict, registry) -> dict:
-    """Which plugin (distribution, version) provided each component the recipe names, by recipe key."""
-    named = {"data": ("dataset", values["data"]["name"]), "encoder": ("posterior", values["encoder"]["name"]),
-             **{f"codes.{c}.prior": ("prior", code["prior"]["name"]) for c, code in values["codes"].items()},
-             **{f"heads.{k}": ("head", h["name"]) for k, h in values["heads"].items()}}
-    out = {}
-    for key, (kind, name) in named.items():
-        entry = registry.get(kind, name)
-        out[key] = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
-                    "version": entry.version}
-    return out
-
-
-def refuse_lonely_process(num_processes: int) -> None:
-    """Launched as several processes (WORLD_SIZE > 1) that Accelerate does not join: each would train alone."""
-    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_env > 1 and num_processes == 1:
-        raise UserError(
-            f"WORLD_SIZE={world_env} but Accelerate sees a single process, so each process would train "
-            "alone. On CPU use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
-            "--num_machines 1 -m aaekit run ...; on GPUs: accelerate launch --multi_gpu ...")

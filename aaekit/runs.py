@@ -4,6 +4,7 @@ and what the model was built from), and training it on every rank of an ``accele
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -46,6 +47,16 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def model_record(values: dict, registry, dataset, dataset_entry) -> dict:
+    """What the model was built from, kept in the run folder as model.json: a dataset may set its shape per
+    instance (from its files), so loading the run must not depend on the dataset again."""
+    value_range = getattr(dataset, "value_range", dataset_entry.cls.value_range)
+    return {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+            "value_range": [float(v) if math.isfinite(v) else None for v in value_range],
+            "plugins_dirs": [str(Path(d).resolve()) for d in getattr(registry, "plugin_dirs", [])],
+            "components": component_sources(values, registry)}
 
 
 def write_run_record(run_dir: Path, recipe: Recipe, model_record: dict) -> None:
@@ -145,7 +156,7 @@ def train(recipe: Recipe, registry, *, output_dir: str | None = None, resume: bo
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from aaekit.engine import RESUMABLE_CHANGES, refuse_lonely_process
+    from aaekit.engine import RESUMABLE_CHANGES
 
     # A bare PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it), and once created it fixes
     # the process group, so CPU mode must be passed here or a 2-process CPU launch sees one process.
@@ -260,3 +271,26 @@ def _flat(values: dict, prefix: str = "") -> dict:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def component_sources(values: dict, registry) -> dict:
+    """Which plugin (distribution, version) provided each component the recipe names, by recipe key."""
+    named = {"data": ("dataset", values["data"]["name"]), "encoder": ("posterior", values["encoder"]["name"]),
+             **{f"codes.{c}.prior": ("prior", code["prior"]["name"]) for c, code in values["codes"].items()},
+             **{f"heads.{k}": ("head", h["name"]) for k, h in values["heads"].items()}}
+    out = {}
+    for key, (kind, name) in named.items():
+        entry = registry.get(kind, name)
+        out[key] = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
+                    "version": entry.version}
+    return out
+
+
+def refuse_lonely_process(num_processes: int) -> None:
+    """Launched as several processes (WORLD_SIZE > 1) that Accelerate does not join: each would train alone."""
+    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_env > 1 and num_processes == 1:
+        raise UserError(
+            f"WORLD_SIZE={world_env} but Accelerate sees a single process, so each process would train "
+            "alone. On CPU use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+            "--num_machines 1 -m aaekit run ...; on GPUs: accelerate launch --multi_gpu ...")
