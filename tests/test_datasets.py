@@ -389,3 +389,38 @@ def test_default_columns_are_named_with_what_was_left_out(tmp_path, capsys):
     assert "data: features" not in capsys.readouterr().out
     with pytest.raises(UserError, match=r"column 'name' is not numeric"):  # listed text keeps its error
         HFDataset(source=str(csv), columns=["f0", "name"])
+
+
+def test_a_folder_of_files_is_split_by_name_and_rows_are_counted_within_each_file(tmp_path, capsys):
+    """``datasets`` finds the splits (``train-*.csv``, ``test.csv``); each file is read on its own, so a bad cell
+    is named by its file and its row there. Text labels are the train split's classes in sorted order (as
+    datasets' ClassLabel numbers them); a test class the train split lacks is refused."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write(folder / "train-00.csv", "a,lab\n1,b\n2,a\n3,b\n")
+    write(folder / "train-01.csv", "a,lab\n4,a\nx,a\n6,b\n")
+    write(folder / "test.csv", "a,lab\n7,a\n8,\n")
+    with pytest.raises(UserError) as caught:
+        HFDataset(source=str(folder), label="lab")
+    assert str(folder / "train-01.csv") in str(caught.value) and "row 2, column 'a': 'x'" in str(caught.value)
+    ds = HFDataset(source=str(folder), label="lab", missing="drop", scale="none")
+    assert "data: dropped 1 of 6 rows of the train split, 0 of 2 rows of the test split" in capsys.readouterr().out
+    train, test = ds.load("train"), ds.load("test")
+    assert ds.num_classes == 2 and ds.meta["class_names"] == ["a", "b"]
+    assert train.x.ravel().tolist() == [1, 2, 3, 4, 6] and train.y.tolist() == [1, 0, 1, 0, 1]
+    assert test.x.ravel().tolist() == [7, 8] and test.y.tolist() == [0, -1]  # an empty label: unlabelled
+    write(folder / "test.csv", "a,lab\n7,a\n8,c\n")
+    with pytest.raises(UserError, match=r"test.csv: label column 'lab' has a class that the train split lacks"):
+        HFDataset(source=str(folder), label="lab", missing="drop")
+
+
+def test_json_values_of_mixed_types_are_cells_of_text(tmp_path):
+    """A JSON-lines field holding numbers and text: its text cells are bad numbers, named or dropped."""
+    source = write(tmp_path / "mixed.jsonl", '{"v": 1, "w": 2}\n{"v": "x", "w": 3}\n{"v": 2.5, "w": 3}\n'
+                                             '{"v": 3, "w": 4}\n{"v": 4, "w": 5}\n')
+    with pytest.raises(UserError, match=r"mixed.jsonl: row 2, column 'v'"):
+        HFDataset(source=str(source))
+    ds = HFDataset(source=str(source), missing="drop", scale="none", test_fraction=0.25)
+    assert ds.input_shape == (2,) and ds.meta["dropped"]["train"] == 1
+    rows = torch.cat([ds.load("train").x, ds.load("test").x])
+    assert sorted(rows[:, 0].tolist()) == [1, 2.5, 3, 4]

@@ -1,17 +1,17 @@
-"""Any table or image collection as an aaekit dataset: a Hugging Face hub id, a ``save_to_disk`` folder,
-Parquet, CSV, JSON lines or an image folder (one sub-folder per class).
+"""Any table or image collection as an aaekit dataset: a hub id, a ``save_to_disk`` folder, a Parquet, CSV/TSV,
+JSON-lines or Arrow file, a folder of them, or an image folder (one sub-folder per class).
 
-The source is read in chunks, checked (columns, types, shapes, NaN, cells that are not numbers, empty
-splits), preprocessed with statistics of the training split only, and written once per split to an Arrow
-IPC file in the cache, as one record batch: ``x`` (fixed-size list of float32, or uint8 for images in
-[0, 1]) and ``y`` (int64, -1 when unlabelled). Loading maps that file into memory, so a split larger than RAM is never read whole; the cache
-key covers every parameter and the size and modification time of every source file.
+``datasets`` reads the source: format, splits (``train``/``test`` in file or folder names), parsing, image and
+class-label columns, and its fingerprinted, memory-mapped Arrow cache (under ``$AAEKIT_CACHE_DIR/datasets``; hub
+ids: its own cache). Here each split is read in chunks, checked (columns, types, shapes, NaN, cells that are not
+numbers, empty splits), scaled with statistics of the train split only, and written once to
+``$AAEKIT_CACHE_DIR/tables/<key>/<split>.arrow``: one record batch ``x`` (float32, or uint8 pixels), ``y`` (int64,
+-1: unlabelled) that maps into one tensor. The key: every parameter and datasets' fingerprint of every part.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -27,466 +27,280 @@ from aaekit.hookspecs import hookimpl
 from aaekit.params import Param
 from aaekit_builtins.datasets import read_arrow, write_arrow
 
-CONVERTER_VERSION = 2  # bump when the cached layout or the preprocessing changes meaning
-# 2: text cells in numeric columns are read as numbers (bad cells refused or dropped); no silent column drops
-CHUNK_ROWS = 4096
+CONVERTER_VERSION = 3  # bump when the cached layout or the preprocessing changes meaning
+# 3: read by `datasets`; text labels numbered in sorted order (its ClassLabel), no longer by first appearance
+CHUNK_ROWS = 4096  # rows per chunk checked and converted, and per pandas chunk of a CSV
 # Text cells that mean "no value" (as pandas' CSV reader reads them): missing, not bad numbers.
 MISSING_TEXTS = ("nan", "-nan", "+nan", "na", "n/a", "null", "none", "#n/a", "<na>")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                ".arrow": "arrow"}
+TABLES = ("csv", "json", "parquet", "arrow")  # read file by file, so that a message gives the row in its file
+TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow")  # a path, not a hub id
 
 
 def resolve_source(source: str) -> Path | None:
-    """A local path (``pkg://package/relative/path`` for a file shipped inside an installed package),
-    or None when ``source`` names a hub dataset."""
-    if source.startswith("pkg://"):
+    """A local path (``pkg://package/relative/path``: a file inside an installed package), or None for a hub id."""
+    if source.startswith("pkg://"):  # datasets knows no package-relative paths
         import importlib.util
 
         package, _, rest = source[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"data.source: no installed package {package!r} for {source!r}; install it or give a path")
-        return Path(list(spec.submodule_search_locations)[0]) / rest
+        return Path(next(iter(spec.submodule_search_locations))) / rest
     path = Path(source).expanduser()
     if path.exists():
         return path.resolve()
-    if source.startswith((".", "/", "~")) or Path(source).suffix in FILE_FORMATS:
+    if source.startswith((".", "/", "~")) or path.suffix.lower() in TABLE_SUFFIXES:
         raise UserError(f"data.source: {source} does not exist; give an existing file or folder (or a hub id)")
     return None
 
 
-def detect_format(path: Path | None, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    if path is None:
-        return "hub"
-    if path.is_file():
-        if path.suffix.lower() not in FILE_FORMATS:
-            raise UserError(f"data.source: cannot tell the format of {path}; set data.format "
-                            "(csv, json, parquet, arrow)")
-        return FILE_FORMATS[path.suffix.lower()]
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return "arrow"
-    suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
-    if suffixes & IMAGE_SUFFIXES:
-        return "imagefolder"
-    for suffix, name in FILE_FORMATS.items():
-        if suffix in suffixes:
-            return name
-    raise UserError(f"data.source: {path} holds no csv, json, parquet, Arrow or image files")
-
-
-def source_stamp(path: Path | None) -> list:
-    """Size and modification time of every source file: any change gives a new cache key."""
-    if path is None:
-        return []
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading a source split as a stream of pyarrow tables, whatever the format.
-
-def split_files(path: Path, fmt: str) -> dict[str, list[Path]]:
-    """Files per split: a single file is the train split; in a folder, names containing 'test' are test."""
-    if path.is_file():
-        return {"train": [path]}
-    suffixes = [s for s, f in FILE_FORMATS.items() if f == fmt]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    splits: dict[str, list[Path]] = {}
-    for f in files:
-        name = f.relative_to(path).as_posix().lower()
-        splits.setdefault("test" if "test" in name else "train", []).append(f)
-    return splits
-
-
-def image_splits(path: Path) -> dict[str, list[tuple[Path, str]]]:
-    """Image folder: optional train/ and test/ folders, each with one sub-folder per class."""
-    roots = {s: path / s for s in ("train", "test") if (path / s).is_dir()} or {"train": path}
-    out = {}
-    for split, root in roots.items():
-        out[split] = [(p, p.parent.name if p.parent != root else "")
-                      for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    return out
-
-
-class SourceSplit:
-    """One split of the source: ``where`` names it in messages; ``chunks()`` yields pyarrow tables, each with
-    the file (or source) it comes from and the 0-based index of its first row there, counted across chunks."""
-
-    def __init__(self, where: str, chunks, class_names: list[str] | None = None):
-        self.where, self.chunks, self.class_names = where, chunks, class_names
-
-    def tables(self):
-        return (table for table, _, _ in self.chunks())
-
-
-def numbered(tables, origin: str):
-    """``(table, origin, first_row)`` for a stream of tables from one file or source."""
-    first = 0
-    for table in tables:
-        yield table, origin, first
-        first += table.num_rows
-
-
-def arrow_table(frame):
-    """A pandas chunk as a pyarrow table; an object column mixing text and numbers (JSON lines) is read as
-    text, so that its non-numbers are reported cell by cell instead of failing the whole file."""
+def read_table(module: str, file: Path, params: dict):
+    """One file of a table through datasets' reader and cache; None when it has no rows."""
+    import datasets
     import pyarrow as pa
 
+    kwargs = {"cache_dir": str(cache_dir() / "datasets")}
+    if module == "csv":
+        kwargs.update(sep=params["delimiter"] or ("\t" if file.suffix.lower() == ".tsv" else ","),
+                      comment=params["comment"] or None, chunksize=CHUNK_ROWS)
+
+    def build(**extra):
+        builder = datasets.load_dataset_builder(module, data_files=str(file), **kwargs, **extra)
+        builder.download_and_prepare()
+        split = builder.info.splits.get("train")
+        return builder.as_dataset("train") if split is not None and split.num_examples else None
     try:
-        return pa.Table.from_pandas(frame, preserve_index=False)
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        frame = frame.copy()
-        for c in frame.columns[frame.dtypes == object]:
-            values = frame[c]
-            if values.map(lambda v: isinstance(v, str)).any():
-                frame[c] = values.map(lambda v: v if v is None or isinstance(v, str) or (isinstance(v, float) and v != v)
-                                      else str(v))
-        return pa.Table.from_pandas(frame, preserve_index=False)
+        try:
+            return build()
+        except datasets.exceptions.DatasetGenerationError as exc:
+            if module != "csv" or not isinstance(exc.__cause__, pa.ArrowInvalid):
+                raise
+        # datasets can't cast a later CSV chunk whose number column holds text: read such columns as text (ours)
+        head = build(nrows=CHUNK_ROWS).features
+        return build(features=datasets.Features({c: datasets.Value("float64" if c == params["label"] else "string")
+                                                 if isinstance(f, datasets.Value) and kind(f.pa_type) == "number"
+                                                 else f for c, f in head.items()}))
+    except Exception as exc:
+        cause = exc.__cause__ or exc  # datasets wraps the reader's own error in a DatasetGenerationError
+        raise UserError(f"{file}: cannot read as {module} ({type(cause).__name__}: {str(cause)[:200]}); check the "
+                        "file, or set data.format / data.delimiter / data.comment") from None
 
 
-def open_source(params: dict, path: Path | None, fmt: str) -> dict[str, SourceSplit]:
-    import pyarrow as pa
-
-    if fmt in ("csv", "json", "parquet"):
-        def reader(f: Path):
-            def tables():
-                if fmt == "parquet":
-                    import pyarrow.parquet as pq
-
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=CHUNK_ROWS):
-                        yield pa.Table.from_batches([batch])
-                    return
-                import pandas as pd
-
-                if fmt == "csv":
-                    sep = params["delimiter"] or ("\t" if f.suffix.lower() == ".tsv" else ",")
-                    chunks = pd.read_csv(f, sep=sep, comment=params["comment"] or None, chunksize=CHUNK_ROWS)
-                else:
-                    chunks = pd.read_json(f, lines=True, chunksize=CHUNK_ROWS)
-                for frame in chunks:
-                    yield arrow_table(frame)
-
-            def guarded():
-                try:
-                    yield from numbered(tables(), str(f))
-                except (ValueError, OSError, pa.ArrowException) as exc:
-                    if isinstance(exc, UserError):
-                        raise
-                    raise UserError(f"{f}: cannot read as {fmt} ({str(exc)[:200]}); check the file "
-                                    "or set data.format / data.delimiter / data.comment") from None
-            return guarded
-
-        out = {}
-        for split, files in split_files(path, fmt).items():
-            readers = [reader(f) for f in files]
-            out[split] = SourceSplit(", ".join(map(str, files)),
-                                     lambda readers=readers: (t for r in readers for t in r()))
-        return out
-
-    if fmt == "imagefolder":
-        out = {}
-        for split, items in image_splits(path).items():
-            names = sorted({c for _, c in items if c})
-
-            def tables(items=items, names=names):
-                for start in range(0, len(items), CHUNK_ROWS):
-                    part = items[start:start + CHUNK_ROWS]
-                    yield pa.table({"image": [{"bytes": None, "path": str(p)} for p, _ in part],
-                                    "label": [names.index(c) if c else None for _, c in part]})
-            where = str(path / split if split != "train" or (path / "train").is_dir() else path)
-            out[split] = SourceSplit(where, lambda tables=tables, where=where: numbered(tables(), where), names or None)
-        return out
-
+def open_source(params: dict, path: Path | None) -> dict[str, list]:
+    """``{split: [(where, datasets.Dataset or None)]}``: one part per file for tables, else one per split."""
     import datasets
 
+    fmt, source = params["format"], params["source"]
     try:
-        if fmt == "arrow" and path is not None and path.is_file():
-            loaded = {"train": datasets.Dataset.from_file(str(path))}
-        elif fmt == "arrow":
-            loaded = datasets.load_from_disk(str(path))
+        if path is None or fmt == "hub":
+            loaded, where = datasets.load_dataset(source, params["config"] or None), f"hub dataset {source}"
+        elif path.is_dir() and fmt in ("auto", "arrow") and any((path / f).exists() for f in ("dataset_dict.json",
+                                                                                                "state.json")):
+            loaded, where = datasets.load_from_disk(str(path)), str(path)
         else:
-            loaded = datasets.load_dataset(params["source"], params["config"] or None)
+            builder = datasets.load_dataset_builder(
+                fmt if fmt != "auto" else str(path if path.is_dir() else path.parent),
+                data_dir=str(path) if fmt != "auto" and path.is_dir() else None,
+                data_files=None if path.is_dir() else [str(path)], cache_dir=str(cache_dir() / "datasets"))
+            if builder.name in TABLES:
+                return {str(s): [(str(f), read_table(builder.name, Path(f), params)) for f in files]
+                        for s, files in builder.config.data_files.items()}
+            builder.download_and_prepare()
+            return {str(s): [(str(path / s if (path / s).is_dir() else path), d)]
+                    for s, d in builder.as_dataset().items()}
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"data.source: cannot open {params['source']} as {fmt} ({type(exc).__name__}: "
-                        f"{str(exc)[:200]}); check the path or hub id (offline: it must be in the local cache)") from None
-    if isinstance(loaded, datasets.Dataset):
-        loaded = {"train": loaded}
-    where = str(path) if path is not None else f"hub dataset {params['source']}"
-    out = {}
-    for split, ds in loaded.items():
-        feature = ds.features.get(params["label"]) if params["label"] else None
-        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        table = ds.data.table if hasattr(ds.data, "table") else ds.data
-        if ds._indices is not None:  # a selected/shuffled view: materialise its order
-            table = ds.with_format("arrow")[:]
-        name = f"{where} (split {split!r})"
-        out[split] = SourceSplit(name,
-                                 lambda table=table, name=name: numbered(
-                                     (table.slice(s, CHUNK_ROWS) for s in range(0, table.num_rows, CHUNK_ROWS)), name),
-                                 names)
-    return out
+        raise UserError(f"data.source: cannot open {source} as {fmt} ({type(exc).__name__}: {str(exc)[:200]}); "
+                        "check the path or hub id (offline: it must be in the local cache)") from None
+    loaded = {"train": loaded} if isinstance(loaded, datasets.Dataset) else loaded
+    return {str(s): [(f"{where} (split {str(s)!r})", d)] for s, d in loaded.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Turning columns into feature vectors.
+# Turning the columns of a chunk into feature vectors.
 
-def is_image_column(column) -> bool:
+def kind(t) -> str:
+    """An Arrow type as "number", "text", "list", or what it is ("bool", "null: no values", ...)."""
     import pyarrow as pa
 
-    t = column.type
-    return pa.types.is_struct(t) and {f.name for f in t} >= {"bytes", "path"}
+    return ("number" if pa.types.is_integer(t) or pa.types.is_floating(t) else
+            "text" if pa.types.is_string(t) or pa.types.is_large_string(t) else
+            "list" if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) else
+            "null: no values" if pa.types.is_null(t) else str(t))
 
 
-def decode_images(column, params: dict, where: str, name: str) -> np.ndarray:
-    from PIL import Image
-
-    size = tuple(params["image_size"][::-1]) if params["image_size"] else None  # PIL wants (W, H)
-    arrays = []
-    for item in column.to_pylist():
-        if item is None:
-            raise UserError(f"{where}: column {name!r} has a missing image; remove that row")
-        try:
-            img = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
-            img = img.convert(params["image_mode"])
-            if size and img.size != size:
-                img = img.resize(size, Image.BILINEAR)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{where}: column {name!r}: cannot decode image {item.get('path') or ''} ({exc})") from None
-        arrays.append(np.asarray(img, dtype=np.uint8))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise UserError(f"{where}: column {name!r} has images of mixed shapes {sorted(shapes)[:3]}; "
-                        "set data.image_size = [H, W] to resize them")
-    return np.stack(arrays)
-
-
-def column_values(column, name: str, where: str, params: dict) -> np.ndarray:
-    """One input column of a chunk as an (n, *shape) array: numbers, equal-length lists, or images."""
-    import pyarrow as pa
-
-    if is_image_column(column):
-        return decode_images(column, params, where, name)
-    t = column.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t):
-        return column.to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        rows = column.to_pylist()
-        try:
-            arrays = [np.asarray(r, dtype=np.float32) for r in rows]
-        except (ValueError, TypeError):
-            raise UserError(f"{where}: column {name!r} holds lists of mixed shapes or non-numbers; every "
-                            "row needs the same shape of numbers") from None
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise UserError(f"{where}: column {name!r} has rows of mixed shapes {sorted(shapes)[:3]}; "
-                            "every row needs the same shape")
-        return np.stack(arrays) if arrays else np.zeros((0, 1), np.float32)
-    raise UserError(f"{where}: column {name!r} is not numeric ({t}); list only numeric columns in data.columns "
-                    "(or encode it as numbers)")
-
-
-def is_text(t) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def parse_numbers(column) -> tuple[np.ndarray, np.ndarray, int]:
+def parse_numbers(col) -> tuple[np.ndarray, np.ndarray, int]:
     """A text column read as numbers: float64 values (NaN where a cell is empty, says "no value", or is not a
     number), the mask of the cells that are not numbers, and the count of cells that hold a value."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    text = pc.utf8_trim_whitespace(column)
-    missing = pc.fill_null(pc.or_(pc.equal(text, ""), pc.is_in(pc.utf8_lower(text), value_set=pa.array(MISSING_TEXTS))),
-                           True)
-    missing = np.asarray(missing.to_numpy(), dtype=bool) if len(column) else np.zeros(0, bool)
-    values = pd.to_numeric(pd.Series(text.to_pylist(), dtype=object), errors="coerce")
-    values = np.array(values, dtype=np.float64)  # a copy: the missing cells are set below
+    text = pc.utf8_trim_whitespace(col)
+    missing = pc.or_(pc.equal(text, ""), pc.is_in(pc.utf8_lower(text), value_set=pa.array(MISSING_TEXTS)))
+    missing = np.asarray(pc.fill_null(missing, True).to_numpy(), dtype=bool) if len(col) else np.zeros(0, bool)
+    values = np.array(pd.to_numeric(pd.Series(text.to_pylist(), dtype=object), errors="coerce"), dtype=np.float64)
     values[missing] = np.nan
-    bad = np.isnan(values) & ~missing
-    return values, bad, int((~missing).sum())
+    return values, np.isnan(values) & ~missing, int((~missing).sum())
 
 
-def text_kind(column) -> str:
-    """"numbers" when most cells that hold a value are numbers (a numeric column with some bad cells),
-    "text" when most are not, "empty" when none holds a value."""
-    _, bad, filled = parse_numbers(column)
-    if not filled:
-        return "empty"
-    return "numbers" if filled - int(bad.sum()) > filled / 2 else "text"
+def choose_columns(table, features, params: dict, where: str) -> tuple[list[str], set[str], dict | None]:
+    """The input columns; those read as numbers (text cells parsed: a column is numbers when most of its cells
+    that hold a value are, and a cell that is not is refused or dropped); and, chosen by default, those left out."""
+    import datasets
 
-
-def is_number_column(column) -> bool:
-    """Read as one number per row: a numeric type, or text that is mostly numbers."""
-    import pyarrow as pa
-
-    t = column.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return True
-    return is_text(t) and text_kind(column) == "numbers"
-
-
-def choose_columns(schema_names: list[str], table, params: dict, where: str) -> tuple[list[str], set[str], dict | None]:
-    """The input columns; those read as numbers (text cells in them are parsed, and a cell that is not a
-    number is refused or dropped); and, when chosen by default, the columns left out, each with why."""
-    import pyarrow as pa
-
+    def text_kind(col) -> str:
+        _, bad, filled = parse_numbers(col)
+        return "empty" if not filled else "numbers" if filled - int(bad.sum()) > filled / 2 else "text"
+    names, label = table.column_names, params["label"]
+    kinds = {c: kind(table.column(c).type) for c in names}
+    kinds = {c: text_kind(table.column(c)) if k == "text" else "numbers" if k == "number" else k
+             for c, k in kinds.items()}
     if params["columns"]:
         for c in params["columns"]:
-            if c not in schema_names:
-                raise UserError(f"{where}: data.columns: no column {c!r}; columns: {', '.join(schema_names)}")
-        columns = list(params["columns"])
-        return columns, {c for c in columns if is_number_column(table.column(c))}, None
-    label = params["label"]
-    left: dict[str, str] = {}
-    images = [c for c in schema_names if is_image_column(table.column(c))]
-    if images:
-        for c in schema_names:
-            if c != images[0]:
-                left[c] = ("the label column" if c == label else
-                           "another image column" if c in images else "the image column is used")
-        return images[:1], set(), left
-    numeric = []
-    for c in schema_names:
-        column = table.column(c)
-        t = column.type
-        if c == label:
-            left[c] = "the label column"
-        elif pa.types.is_integer(t) or pa.types.is_floating(t):
-            numeric.append(c)
-        elif is_text(t):
-            kind = text_kind(column)
-            if kind == "numbers":
-                numeric.append(c)
-            else:
-                left[c] = kind
-        else:
-            left[c] = "null: no values" if pa.types.is_null(t) else str(t)
-    if not numeric:
-        raise UserError(f"{where}: no numeric columns (left out: {describe_left_out(left)}); name the input "
-                        "columns in data.columns")
+            if c not in names:
+                raise UserError(f"{where}: data.columns: no column {c!r}; columns: {', '.join(names)}")
+        return list(params["columns"]), {c for c in params["columns"] if kinds[c] == "numbers"}, None
+    if images := [c for c in names if isinstance(features.get(c), datasets.Image)]:
+        return images[:1], set(), {c: "the label column" if c == label else "another image column" if c in images
+                                   else "the image column is used" for c in names if c != images[0]}
+    left = {c: "the label column" if c == label else k for c, k in kinds.items() if k != "numbers" or c == label}
+    if not (numeric := [c for c in names if c not in left]):
+        raise UserError(f"{where}: no numeric columns (left out: {describe(left)}); name the input columns in "
+                        "data.columns")
     return numeric, set(numeric), left
 
 
-def describe_left_out(left: dict) -> str:
+def describe(left: dict) -> str:
     return ", ".join(f"{c} ({why})" for c, why in left.items()) or "none"
 
 
-def shorten(value, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def column_values(col, feature, name: str, where: str, params: dict) -> np.ndarray:
+    """One input column of a chunk as an (n, *shape) array: numbers, equal-length lists, or images."""
+    import datasets
+
+    def stacked(arrays: list, fix: str) -> np.ndarray:
+        if len(shapes := {a.shape for a in arrays}) > 1:
+            raise UserError(f"{where}: column {name!r} has rows of mixed shapes {sorted(shapes)[:3]}; {fix}")
+        return np.stack(arrays) if arrays else np.zeros((0, 1), np.float32)
+    if isinstance(feature, datasets.Image):  # datasets decodes it (and converts the mode); resizing is ours
+        from PIL import Image
+
+        decoder, size, arrays = datasets.Image(mode=params["image_mode"]), tuple(params["image_size"][::-1]), []
+        for item in col.to_pylist():  # size: (W, H) for PIL
+            if item is None:
+                raise UserError(f"{where}: column {name!r} has a missing image; remove that row")
+            try:
+                img = decoder.decode_example(item)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{where}: column {name!r}: cannot decode image {item.get('path') or ''} "
+                                f"({exc})") from None
+            arrays.append(np.asarray(img.resize(size, Image.BILINEAR) if size and img.size != size else img, np.uint8))
+        return stacked(arrays, "set data.image_size = [H, W] to resize them")
+    if (k := kind(col.type)) in ("number", "bool") or k.startswith("decimal"):
+        return col.to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+    if k == "list":
+        try:
+            arrays = [np.asarray(r, dtype=np.float32) for r in col.to_pylist()]
+        except (ValueError, TypeError):
+            raise UserError(f"{where}: column {name!r} holds lists of mixed shapes or non-numbers; every row needs "
+                            "the same shape of numbers") from None
+        return stacked(arrays, "every row needs the same shape")
+    raise UserError(f"{where}: column {name!r} is not numeric ({col.type}); list only numeric columns in "
+                    "data.columns (or encode it as numbers)")
 
 
-def label_values(column, where: str, name: str, names: list[str] | None, string_labels: dict) -> np.ndarray:
-    import pyarrow as pa
-
-    t = column.type
-    values = column.to_pylist()
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        # text labels: classes numbered in order of first appearance in the train split
-        out = []
-        for v in values:
-            if v is None:
-                out.append(-1)
-                continue
-            if v not in string_labels:
-                if string_labels.get("__frozen__"):
-                    raise UserError(f"{where}: label column {name!r} has class {v!r} that the train split lacks")
-                string_labels[v] = len(string_labels) - ("__frozen__" in string_labels)
-            out.append(string_labels[v])
-        return np.asarray(out, dtype=np.int64)
-    if not (pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_null(t)):
-        if pa.types.is_floating(t) and all(v is None or (v == v and float(v).is_integer()) for v in values):
-            pass
-        else:
-            raise UserError(f"{where}: label column {name!r} must hold integers or class names, found {t}")
+def label_values(col, where: str, name: str, classes) -> np.ndarray:
+    values, k = col.to_pylist(), kind(col.type)
+    if k == "text":  # class names, numbered by the train split's ClassLabel
+        try:
+            codes = iter(classes.str2int([v for v in values if v is not None]))
+        except ValueError as exc:
+            raise UserError(f"{where}: label column {name!r} has a class that the train split lacks ({exc})") from None
+        return np.asarray([-1 if v is None else next(codes) for v in values], dtype=np.int64)
+    if k not in ("number", "bool", "null: no values") or any(v is not None and v == v and v % 1 for v in values):
+        raise UserError(f"{where}: label column {name!r} must hold integers or class names, found {col.type}")
     out = np.asarray([-1 if v is None or v != v else int(v) for v in values], dtype=np.int64)
     if (out < -1).any():
         raise UserError(f"{where}: label column {name!r} has negative labels; use 0..K-1 (-1 or empty: unlabelled)")
     return out
 
 
-def stage_split(split: SourceSplit, params: dict, stage: Path, chosen: dict | None = None) -> dict:
-    """Read, check and append one split to raw files ``stage.x``/``stage.y``; return its description.
-    ``chosen``: the train split's description, whose columns the test split uses."""
-    info = {"rows": 0, "shape": None, "dtype": None, "dropped": 0}
-    label = params["label"]
-    columns, numbers = (chosen["columns"], set(chosen["numbers"])) if chosen else (None, set())
-    if chosen:
-        info["columns"], info["numbers"] = chosen["columns"], chosen["numbers"]
-    string_labels = split.__dict__.setdefault("string_labels", {})
+def class_label(parts: list, label: str):
+    """The label's classes: its ClassLabel, or one of the split's class names (sorted, as datasets numbers them)."""
+    import datasets
+
+    parts = [ds for _, ds in parts if ds is not None and label in ds.column_names]
+    if parts and isinstance(parts[0].features[label], datasets.ClassLabel):
+        return parts[0].features[label]
+    if parts and all(isinstance(f := ds.features[label], datasets.Value) and kind(f.pa_type) == "text" for ds in parts):
+        return datasets.ClassLabel(names=sorted({v for ds in parts for v in ds.unique(label)} - {None}))
+    return None
+
+
+def stage_split(parts: list, params: dict, stage: Path, classes, chosen: dict | None = None) -> dict:
+    """Read, check and append one split to raw files ``stage.x``/``stage.y``, mapped back into ``x``/``y`` of the
+    description returned. ``chosen``: the train split's description, whose columns the test split uses."""
+    import pyarrow as pa
+
+    info = {"rows": 0, "shape": None, "dtype": None, "dropped": 0, **{k: chosen[k] for k in ("columns", "numbers")
+                                                                        if chosen}}
+    label, missing = params["label"], params["missing"]
     with open(stage.with_suffix(".x"), "wb") as fx, open(stage.with_suffix(".y"), "wb") as fy:
-        for table, origin, first_row in split.chunks():
-            if table.num_rows == 0:  # an empty file has no types to check; the empty split is reported below
-                continue
-            names = table.column_names
-            if columns is None:
-                columns, numbers, left = choose_columns(names, table, params, split.where)
-                info["columns"], info["numbers"] = columns, sorted(numbers)
-                if left is not None:  # chosen by default: say what became a feature and what did not
-                    info["left_out"] = left
-                    print(f"data: features: {', '.join(columns)}; left out: {describe_left_out(left)}", flush=True)
-            if label and label not in names:
-                raise UserError(f"{split.where}: data.label: no column {label!r}; columns: {', '.join(names)}")
-            parts, bad_cells = [], []
-            for c in columns:
-                if c not in names:
-                    raise UserError(f"{split.where}: data.columns: no column {c!r}; columns: {', '.join(names)}")
-                column = table.column(c)
-                if c in numbers and is_text(column.type):
-                    values, bad, _ = parse_numbers(column)
-                    if bad.any():
-                        bad_cells.append((int(np.argmax(bad)), c, column))
-                    parts.append(values.astype(np.float32)[:, None])
-                else:
-                    parts.append(column_values(column, c, split.where, params))
-            if bad_cells and params["missing"] != "drop":
-                row, c, column = min(bad_cells, key=lambda cell: cell[0])  # the first bad cell of the chunk
-                raise UserError(f"{origin}: row {first_row + row + 1}, column {c!r}: {shorten(column[row].as_py())} "
-                                "is not a number; clean the file, or set data.missing = \"drop\" to drop the rows "
-                                "with such cells")
-            images = len(columns) == 1 and parts[0].dtype == np.uint8
-            x = parts[0] if images else np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
-            y = (label_values(table.column(label), split.where, label, split.class_names, string_labels)
-                 if label else np.full(len(x), -1, np.int64))
-            if not images:
-                bad_rows = ~np.isfinite(x).all(axis=1)
-                if bad_rows.any():
-                    if params["missing"] == "drop":
-                        info["dropped"] += int(bad_rows.sum())
-                        x, y = x[~bad_rows], y[~bad_rows]
+        for where, ds in (p for p in parts if p[1] is not None):
+            first_row = 0
+            for table in ds.with_format("arrow").iter(batch_size=CHUNK_ROWS):
+                names = table.column_names  # a JSON-typed column (datasets' for mixed JSON values) as its text:
+                table = pa.table({c: pa.chunked_array([a.storage for a in col.chunks]) if isinstance(
+                    col.type, pa.BaseExtensionType) else col for c, col in zip(names, table.columns)})
+                if label and label not in names:
+                    raise UserError(f"{where}: data.label: no column {label!r}; columns: {', '.join(names)}")
+                if "columns" not in info:
+                    info["columns"], numbers, left = choose_columns(table, ds.features, params, where)
+                    info["numbers"] = sorted(numbers)
+                    if left is not None:  # chosen by default: say what became a feature and what did not
+                        info["left_out"] = left
+                        print(f"data: features: {', '.join(info['columns'])}; left out: {describe(left)}", flush=True)
+                xs, bad_cells = [], []
+                for c in info["columns"]:
+                    if c not in names:
+                        raise UserError(f"{where}: data.columns: no column {c!r}; columns: {', '.join(names)}")
+                    if kind((col := table.column(c)).type) == "text" and c in info["numbers"]:
+                        values, bad, _ = parse_numbers(col)
+                        bad_cells += [(int(np.argmax(bad)), c, col)] if bad.any() else []
+                        xs.append(values.astype(np.float32)[:, None])
                     else:
-                        bad = [c for c, p in zip(columns, parts) if not np.isfinite(p.reshape(len(p), -1)).all()]
-                        raise UserError(f"{split.where}: column {bad[0]!r} has NaN (missing) or infinite values; "
-                                        "clean the file or set data.missing = \"drop\" to skip those rows")
-            shape = tuple(x.shape[1:])
-            if info["shape"] is None:
-                info["shape"], info["dtype"] = shape, str(x.dtype)
-            elif info["shape"] != shape:
-                raise UserError(f"{split.where}: rows of mixed shapes ({info['shape']} then {shape}) in "
-                                f"column(s) {', '.join(columns)}; every row needs the same shape")
-            fx.write(np.ascontiguousarray(x).tobytes())
-            fy.write(y.tobytes())
-            info["rows"] += len(x)
-    if not info["rows"]:
-        raise UserError(f"{split.where}: the split is empty{' after dropping rows with missing values' if info['dropped'] else ''}; "
-                        "give a source with data in it")
-    string_labels["__frozen__"] = True  # the test split may only use the train split's classes
+                        xs.append(column_values(col, ds.features.get(c), c, where, params))
+                if bad_cells and missing != "drop":
+                    row, c, col = min(bad_cells, key=lambda cell: cell[0])  # the first bad cell of the chunk
+                    value = repr(col[row].as_py())
+                    raise UserError(f"{where}: row {first_row + row + 1}, column {c!r}: "
+                                    f"{value if len(value) <= 40 else value[:37] + '...'} is not a number; clean the "
+                                    "file, or set data.missing = \"drop\" to drop the rows with such cells")
+                first_row += table.num_rows
+                images = len(xs) == 1 and xs[0].dtype == np.uint8
+                x = xs[0] if images else np.concatenate([p.reshape(len(p), -1) for p in xs], axis=1)
+                y = label_values(table.column(label), where, label, classes) if label else np.full(len(x), -1)
+                if not images and not (finite := np.isfinite(x).all(axis=1)).all():
+                    if missing != "drop":
+                        bad = next(c for c, p in zip(info["columns"], xs) if not np.isfinite(p).all())
+                        raise UserError(f"{where}: column {bad!r} has NaN (missing) or infinite values; clean the "
+                                        "file or set data.missing = \"drop\" to skip those rows")
+                    info["dropped"] += int((~finite).sum())
+                    x, y = x[finite], y[finite]
+                if info["shape"] not in (None, x.shape[1:]):
+                    raise UserError(f"{where}: rows of mixed shapes ({info['shape']} then {x.shape[1:]}) in "
+                                    f"column(s) {', '.join(info['columns'])}; every row needs the same shape")
+                info["shape"], info["dtype"], info["rows"] = x.shape[1:], str(x.dtype), info["rows"] + len(x)
+                fx.write(np.ascontiguousarray(x).tobytes())
+                fy.write(y.astype(np.int64).tobytes())
+    if not (n := info["rows"]):
+        after = " after dropping rows with missing values" if info["dropped"] else ""
+        raise UserError(f"{', '.join(w for w, _ in parts)}: the split is empty{after}; give a source with data in it")
+    info["x"] = np.memmap(stage.with_suffix(".x"), info["dtype"], "r", shape=(n, math.prod(info["shape"])))
+    info["y"] = np.memmap(stage.with_suffix(".y"), np.int64, "r", shape=(n,))
     return info
-
-
-def open_stage(stage: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
-    n, width = info["rows"], math.prod(info["shape"])
-    x = np.memmap(stage.with_suffix(".x"), dtype=info["dtype"], mode="r", shape=(n, width))
-    y = np.memmap(stage.with_suffix(".y"), dtype=np.int64, mode="r", shape=(n,))
-    return x, y
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -494,104 +308,75 @@ def open_stage(stage: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
 _prepared: dict[str, dict] = {}
 
 
-def conversion_key(params: dict, path: Path | None, fmt: str) -> str:
-    relevant = {k: v for k, v in params.items() if k != "limit"}
-    blob = json.dumps([CONVERTER_VERSION, relevant, fmt, source_stamp(path)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
 def prepare(params: dict) -> dict:
-    """Convert the source once into the cache (or find it there); returns the split files and metadata."""
-    path = resolve_source(params["source"])
-    fmt = detect_format(path, params["format"])
-    key = conversion_key(params, path, fmt)
-    if fmt == "hub":  # a hub dataset may change without a local file: key on its fingerprint too
-        key = hashlib.sha256((key + "|" + "|".join(
-            s.where for s in open_source(params, path, fmt).values())).encode()).hexdigest()[:20]
-    if key in _prepared:
-        return _prepared[key]
-    target = cache_dir() / "tables" / key
-    meta_file = target / "meta.json"
-    if meta_file.exists():
+    """Convert the source once into the cache (or find it there); returns the split files' folder and metadata."""
+    splits = open_source(params, resolve_source(params["source"]))
+    # our settings and datasets' fingerprint of each part (it changes with the source; there is no public getter)
+    parts = [(s, w, d._fingerprint if d is not None else None) for s, ps in splits.items() for w, d in ps]
+    blob = json.dumps([CONVERTER_VERSION, {k: v for k, v in params.items() if k != "limit"}, parts], default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    if key not in _prepared:
+        target = cache_dir() / "tables" / key
         try:
-            meta = json.loads(meta_file.read_text())
-            if all((target / f"{s}.arrow").exists() for s in ("train", "test")):
-                meta["dir"] = str(target)
-                _prepared[key] = meta
-                report_dropped(meta)  # every run that uses these rows is told that some were dropped
-                return meta
-        except (OSError, ValueError):
-            pass  # a broken cache entry is rebuilt, never trusted
-    meta = convert(params, path, fmt, target)
-    meta["dir"] = str(target)
-    _prepared[key] = meta
-    return meta
+            meta = json.loads((target / "meta.json").read_text())
+            if not all((target / f"{s}.arrow").exists() for s in ("train", "test")):
+                raise OSError("incomplete")
+            report_dropped(meta)  # every run that uses these rows is told that some were dropped
+        except (OSError, ValueError):  # no (or a broken) cache entry: converted again, never trusted
+            meta = convert(params, splits, target)
+        _prepared[key] = {**meta, "dir": str(target)}
+    return _prepared[key]
 
 
 def report_dropped(meta: dict) -> None:
     """Say how many rows each split of the source lost to data.missing = "drop" (nothing when none)."""
-    dropped, kept = meta.get("dropped") or {}, meta.get("kept") or {}
-    if not any(dropped.values()):
-        return
-    counts = ", ".join(f"{n} of {n + kept.get(s, 0)} rows of the {s} split" for s, n in dropped.items())
-    print(f"data: dropped {counts} (missing, infinite or non-numeric values; data.missing = \"drop\")", flush=True)
+    if any((dropped := meta.get("dropped") or {}).values()):
+        counts = ", ".join(f"{n} of {n + meta['kept'].get(s, 0)} rows of the {s} split" for s, n in dropped.items())
+        print(f"data: dropped {counts} (missing, infinite or non-numeric values; data.missing = \"drop\")", flush=True)
 
 
-def convert(params: dict, path: Path | None, fmt: str, target: Path) -> dict:
-    splits = open_source(params, path, fmt)
-    where = str(path) if path is not None else params["source"]
+def convert(params: dict, splits: dict, target: Path) -> dict:
+    where, label, test_name = params["source"], params["label"], params["test_split"]
     if params["train_split"] not in splits:
-        raise UserError(f"data.train_split: {where} has no split {params['train_split']!r}; "
-                        f"splits: {', '.join(splits)}")
+        raise UserError(f"data.train_split: {where} has no split {params['train_split']!r}; splits: "
+                        f"{', '.join(splits)}")
+    train_parts, test_parts = splits[params["train_split"]], splits.get(test_name) if test_name else None
+    classes = class_label(train_parts, label) if label else None
     target.parent.mkdir(parents=True, exist_ok=True)
     work = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        train_source = splits[params["train_split"]]
-        info = {"train": stage_split(train_source, params, work / "stage-train")}
-        test_source = splits.get(params["test_split"]) if params["test_split"] else None
-        if test_source is not None:
-            test_source.__dict__["string_labels"] = train_source.__dict__["string_labels"]
-            info["test"] = stage_split(test_source, params, work / "stage-test", info["train"])
-            if info["test"]["shape"] != info["train"]["shape"]:
-                raise UserError(f"{test_source.where}: rows of shape {info['test']['shape']} but the train split "
-                                f"has {info['train']['shape']}; both splits need the same shape")
-        x, y = open_stage(work / "stage-train", info["train"])
-        parts = {"train": (x, y, None)}
-        if test_source is not None:
-            tx, ty = open_stage(work / "stage-test", info["test"])
-            parts["test"] = (tx, ty, None)
-        else:
-            # no test split: hold out a seeded fraction of the rows (order kept in both parts)
-            n = len(x)
-            n_test = int(round(params["test_fraction"] * n))
+        info = {"train": (train := stage_split(train_parts, params, work / "stage-train", classes))}
+        parts = {"train": (train["x"], train["y"], None)}
+        if test_parts is not None:
+            info["test"] = test = stage_split(test_parts, params, work / "stage-test", classes, train)
+            if test["shape"] != train["shape"]:
+                raise UserError(f"{test_parts[0][0]}: rows of shape {test['shape']} but the train split has "
+                                f"{train['shape']}; both splits need the same shape")
+            parts["test"] = (test["x"], test["y"], None)
+        else:  # ours, not train_test_split: after our checks dropped rows, and in file order in both parts
+            n, n_test = train["rows"], round(params["test_fraction"] * train["rows"])
             if n_test < 1 or n_test >= n:
-                raise UserError(f"data.test_fraction: {where} has no split {params['test_split']!r} and "
-                                f"{params['test_fraction']} of {n} rows leaves an empty part; change data.test_fraction")
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(params["split_seed"])).numpy()
+                raise UserError(f"data.test_fraction: {where} has no split {test_name!r} and {params['test_fraction']}"
+                                f" of {n} rows leaves an empty part; change data.test_fraction")
             is_test = np.zeros(n, dtype=bool)
-            is_test[perm[:n_test]] = True
-            parts = {"train": (x, y, ~is_test), "test": (x, y, is_test)}
+            seeded = torch.Generator().manual_seed(params["split_seed"])
+            is_test[torch.randperm(n, generator=seeded)[:n_test].numpy()] = True
+            parts = {"train": (train["x"], train["y"], ~is_test), "test": (train["x"], train["y"], is_test)}
         stats = preprocess_stats(parts["train"], params["scale"])
-        for split, (sx, sy, rows) in parts.items():
-            write_split(work / f"{split}.arrow", sx, sy, rows, stats, work / f"out-{split}")
-        shape = tuple(info["train"]["shape"])
-        string_labels = {k: v for k, v in train_source.__dict__["string_labels"].items() if k != "__frozen__"}
-        names = train_source.class_names or (sorted(string_labels, key=string_labels.get) if string_labels else None)
-        max_label = max(int(np.max(sy, initial=-1)) for sx, sy, _ in parts.values())
-        num_classes = len(names) if names else (max_label + 1 if params["label"] and max_label >= 0 else None)
-        meta = {"shape": list(shape), "num_classes": num_classes, "class_names": names,
-                "rows": {s: int(len(p[1]) if p[2] is None else p[2].sum()) for s, p in parts.items()},
-                "dropped": {s: i["dropped"] for s, i in info.items()}, "columns": info["train"]["columns"],
-                "kept": {s: i["rows"] for s, i in info.items()}, "left_out": info["train"].get("left_out"),
-                "dtype": "uint8" if stats is None and info["train"]["dtype"] == "uint8" else "float32",
-                "source": where, "format": fmt}
+        for split, part in parts.items():
+            write_split(work / f"{split}.arrow", *part, stats, work / f"out-{split}")
+        max_label = max(int(np.max(y, initial=-1)) for _, y, _ in parts.values())
+        meta = {"shape": list(train["shape"]), "class_names": classes.names if classes else None,
+                "num_classes": classes.num_classes if classes else max_label + 1 if label and max_label >= 0 else None,
+                "rows": {s: int(len(y) if rows is None else rows.sum()) for s, (_, y, rows) in parts.items()},
+                "dropped": {s: i["dropped"] for s, i in info.items()}, "kept": {s: i["rows"] for s, i in info.items()},
+                "columns": train["columns"], "left_out": train.get("left_out"), "source": where}
+        (work / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in work.glob("stage-*"):
             f.unlink()
-        (work / "meta.json").write_text(json.dumps(meta, indent=1))
         report_dropped(meta)
-        del x, y, parts
         try:
             os.replace(work, target)
         except OSError:  # another process finished first: its result is the same
@@ -604,55 +389,47 @@ def convert(params: dict, path: Path | None, fmt: str, target: Path) -> dict:
     return meta
 
 
-def iter_rows(x: np.ndarray, rows: np.ndarray | None):
+def chunks(x: np.ndarray, rows: np.ndarray | None):
     for start in range(0, len(x), CHUNK_ROWS * 16):
         chunk = np.asarray(x[start:start + CHUNK_ROWS * 16])
         yield chunk if rows is None else chunk[rows[start:start + CHUNK_ROWS * 16]]
 
 
 def preprocess_stats(part, scale: str) -> dict | None:
-    """Per-feature statistics of the train split, or None when the data is kept as stored."""
+    """Per-feature statistics of the train split (datasets has none), or None when the data is kept as stored."""
     x, _, rows = part
     if x.dtype == np.uint8 and scale in ("unit", "none"):
         # pixels stay uint8 for "unit" (the engine scales by 1/255); "none" keeps 0..255 as floats
         return None if scale == "unit" else {"kind": "float"}
     if scale == "none":
         return None
-    total = np.zeros(x.shape[1]); squares = np.zeros(x.shape[1])  # noqa: E702
-    low = np.full(x.shape[1], np.inf); high = np.full(x.shape[1], -np.inf)  # noqa: E702
-    count = 0
-    for chunk in iter_rows(x, rows):
+    total, squares, low, high, count = 0.0, 0.0, np.inf, -np.inf, 0
+    for chunk in chunks(x, rows):
         chunk = chunk.astype(np.float64)
-        total += chunk.sum(0); squares += (chunk ** 2).sum(0); count += len(chunk)  # noqa: E702
-        low = np.minimum(low, chunk.min(0, initial=np.inf)); high = np.maximum(high, chunk.max(0, initial=-np.inf))  # noqa: E702
+        total, squares, count = total + chunk.sum(0), squares + (chunk ** 2).sum(0), count + len(chunk)
+        low, high = np.minimum(low, chunk.min(0, initial=np.inf)), np.maximum(high, chunk.max(0, initial=-np.inf))
     if scale == "unit":
-        span = high - low
-        return {"kind": "affine", "shift": low, "scale": np.where(span > 0, span, 1.0), "clip": True}
+        return {"kind": "affine", "shift": low, "scale": np.where(high - low > 0, high - low, 1.0), "clip": True}
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
     return {"kind": "affine", "shift": mean, "scale": np.where(std > 0, std, 1.0), "clip": False}
 
 
 def write_split(path: Path, x: np.ndarray, y: np.ndarray, rows, stats: dict | None, scratch: Path) -> None:
+    """One record batch, not datasets' cache layout (many batches): so that the split maps into one tensor."""
     if stats is None and rows is None:
-        write_arrow(path, x, y)
-        return
-    n = len(x) if rows is None else int(rows.sum())
-    dtype = x.dtype if stats is None else np.float32
-    out = np.memmap(scratch.with_suffix(".x"), dtype=dtype, mode="w+", shape=(n, x.shape[1]))
-    out_y = np.asarray(y) if rows is None else np.asarray(y)[rows]
+        return write_arrow(path, x, y)
+    out = np.memmap(scratch.with_suffix(".x"), dtype=x.dtype if stats is None else np.float32, mode="w+",
+                    shape=(len(x) if rows is None else int(rows.sum()), x.shape[1]))
     at = 0
-    for chunk in iter_rows(x, rows):
-        if stats is not None:
-            chunk = chunk.astype(np.float64)
-            if stats["kind"] == "affine":
-                chunk = (chunk - stats["shift"]) / stats["scale"]
-                if stats["clip"]:  # test rows outside the train range stay in the declared [0, 1]
-                    chunk = np.clip(chunk, 0.0, 1.0)
+    for chunk in chunks(x, rows):
+        if stats is not None and stats["kind"] == "affine":
+            chunk = (chunk.astype(np.float64) - stats["shift"]) / stats["scale"]
+            chunk = np.clip(chunk, 0.0, 1.0) if stats["clip"] else chunk  # test rows outside the train range: [0, 1]
         out[at:at + len(chunk)] = chunk
         at += len(chunk)
     out.flush()
-    write_arrow(path, out, out_y)
+    write_arrow(path, out, np.asarray(y) if rows is None else np.asarray(y)[rows])
     del out
     scratch.with_suffix(".x").unlink()
 
@@ -690,8 +467,7 @@ class HFDataset(Dataset):
     def __init__(self, **params):
         self.settings = self.settings_of(params)
         self.meta = prepare(self.settings)
-        shape = tuple(self.meta["shape"])
-        self.stored_shape = shape
+        self.stored_shape = shape = tuple(self.meta["shape"])
         self.input_shape = (math.prod(shape),) if self.settings["flatten"] else shape
         self.num_classes = self.meta["num_classes"]
         self.value_range = self.range_of(self.settings)
