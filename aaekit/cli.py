@@ -216,12 +216,12 @@ def evaluate(run_dir, metric, num_samples, sigmas, refine, validation_size, test
         check_parent_folder("--output", Path(output))
     run = load(run_dir, device=device or default_device(), plugins_dirs=plugins_dirs, checkpoint=checkpoint)
     if metric == "auto":
-        from aaekit.label_metrics import default_metric
+        from aaekit.evaluation.labels import default_metric
 
         metric = default_metric(run)
         click.echo(f"metric: {metric} (chosen from the run's recipe; --metric picks another)", err=True)
     if metric == "parzen":
-        from aaekit.parzen import DEFAULT_SIGMAS, evaluate_run
+        from aaekit.evaluation.parzen import DEFAULT_SIGMAS, evaluate_run
 
         result = evaluate_run(run, num_samples=num_samples, sigmas=parse_floats("--sigmas", sigmas) or DEFAULT_SIGMAS,
                               validation_size=validation_size, test_limit=test_limit, seed=seed, refine=refine)
@@ -231,7 +231,7 @@ def evaluate(run_dir, metric, num_samples, sigmas, refine, validation_size, test
         if "warning" in result:
             click.echo(f"warning: {result['warning']}", err=True)
     else:
-        from aaekit.label_metrics import evaluate_classification, evaluate_clustering
+        from aaekit.evaluation.labels import evaluate_classification, evaluate_clustering
 
         evaluate_labels = evaluate_classification if metric == "classification" else evaluate_clustering
         result, summary = evaluate_labels(run, test_limit=test_limit)
@@ -268,7 +268,7 @@ def evaluate(run_dir, metric, num_samples, sigmas, refine, validation_size, test
 def sample(run_dir, num, labels, interpolate, steps, out, force, seed, device, checkpoint, plugins_dirs):
     """Decode prior samples of the model in RUN_DIR into a PNG grid."""
     from aaekit.api import load
-    from aaekit.sampling import write_interpolation, write_samples
+    from aaekit.pictures.sampling import write_interpolation, write_samples
 
     out = Path(out) if out else Path(run_dir) / ("interpolation.png" if interpolate else "sampled.png")
     if out.exists() and not force:

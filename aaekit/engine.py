@@ -27,9 +27,9 @@ from accelerate.utils import DistributedDataParallelKwargs
 
 from aaekit import checkpoint as ckpt
 from aaekit.cpu import keep_freed_memory, set_flush_denormals
+from aaekit.cpu.master_weights import MasterWeights, compiled_kernel, mean_gradients_in_fp32
 from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
-from aaekit.master_weights import MasterWeights, compiled_kernel, mean_gradients_in_fp32
 from aaekit.model import AAE, build_model, check_component_outputs
 from aaekit.monitor import Monitor
 from aaekit.optim import base_lr, hot_path, lr_scale, phase_optimizers, uses_master_weights
@@ -395,7 +395,7 @@ class Trainer:
         if self.validation_data is None:
             return {}
         self.share_buffers()
-        from aaekit.evaluate import evaluate_split
+        from aaekit.evaluation.validation import evaluate_split
 
         return {f"validation/{k}": v for k, v in
                 evaluate_split(self.model, self.validation_data, self.accelerator).items()}

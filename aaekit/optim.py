@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from aaekit.master_weights import MasterAdam, MasterSGD, MasterWeights
+from aaekit.cpu.master_weights import MasterAdam, MasterSGD, MasterWeights
 
 
 def make_optimizer(settings: dict, params: list[torch.nn.Parameter], device: torch.device,
@@ -66,7 +66,7 @@ def hot_path(optimizer, acc: Accelerator):
 
 
 def uses_master_weights(values: dict, device: torch.device) -> bool:
-    """bf16 on a CPU holds bf16 weights with fp32 masters (aaekit/master_weights.py) unless the recipe turns it off."""
+    """bf16 on a CPU holds bf16 weights with fp32 masters (aaekit/cpu/master_weights.py) unless the recipe turns it off."""
     run = values["run"]
     return device.type == "cpu" and run["mixed_precision"] == "bf16" and run["bf16_master_weights"]
 

@@ -12,7 +12,7 @@ modules stay importable on their own; this one only gathers them.
 from aaekit.contracts import ArrayData, CodeSpec, Dataset, Head, Posterior, Prior, cache_dir
 from aaekit.errors import PluginError, UserError
 from aaekit.hookspecs import hookimpl
-from aaekit.nets import mlp
+from aaekit.model import mlp
 from aaekit.params import Param
 
 __all__ = ["ArrayData", "CodeSpec", "Dataset", "Head", "Param", "PluginError", "Posterior", "Prior", "UserError",

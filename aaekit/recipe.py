@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from aaekit.errors import RecipeError, UserError
 from aaekit.params import Param, ParamSet, RawOverride, did_you_mean

@@ -10,7 +10,7 @@ def _encode(run, split: str, limit: int = 0):
     """Codes and labels of a split of the run's dataset, through the same ``encode_split`` as training."""
     from aaekit.contracts import ArrayData
     from aaekit.data import DeviceData
-    from aaekit.evaluate import encode_split
+    from aaekit.evaluation.validation import encode_split
 
     data = run.dataset().load(split)
     if limit:
@@ -53,7 +53,7 @@ def evaluate_classification(run, test_limit: int = 0) -> tuple[dict, str]:
 
 def evaluate_clustering(run, test_limit: int = 0) -> tuple[dict, str]:
     """§6: clusters named from the training split (paper, majority, Hungarian), errors on the test split."""
-    from aaekit.metrics import clustering_errors
+    from aaekit.evaluation.clustering import clustering_errors
 
     name = _categorical_code(run, want_classes=False)
     train_codes, train_labels = _encode(run, "train")

@@ -53,7 +53,7 @@ def write_pictures(trainer, run_dir: Path) -> list[Path]:
         pairs = torch.stack([x, recon], dim=1).reshape(-1, *model.input_shape)  # input beside output
         save_grid(image_grid(pairs, 5, 20), run_dir / "reconstructions.png")
         written.append(run_dir / "reconstructions.png")
-    from aaekit.mode_pictures import write_mode_pictures  # style.png, clusters.png, heads' latent.png
+    from aaekit.pictures.modes import write_mode_pictures  # style.png, clusters.png, heads' latent.png
 
     mode_written, has_latent = write_mode_pictures(trainer, run_dir, generator)
     written += mode_written
@@ -71,7 +71,7 @@ def write_latent(trainer, run_dir: Path, generator) -> Path | None:
         return None
     spec = two_d[0]
     from aaekit.data import DeviceData
-    from aaekit.evaluate import encode_split
+    from aaekit.evaluation.validation import encode_split
 
     data = DeviceData(trainer.dataset.load("test"), trainer.device)
     codes, _, labels = encode_split(model, data)

@@ -31,7 +31,7 @@ def write_style(model, run_dir: Path, generator, rows: int = 10) -> Path | None:
 
 def test_codes(trainer):
     from aaekit.data import DeviceData
-    from aaekit.evaluate import encode_split
+    from aaekit.evaluation.validation import encode_split
 
     data = DeviceData(trainer.dataset.load("test"), trainer.device)
     codes, _, labels = encode_split(trainer.model, data)
