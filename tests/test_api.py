@@ -12,6 +12,7 @@ import aaekit
 from safetensors.torch import load_file
 from aaekit.errors import UserError
 from conftest import TINY, aaekit as run_cli, tiny_run_args, two_code_recipe
+from helpers_promises import as_grid, component_of, decoder_inputs, far_from_centre, read_grid, same_picture
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -53,7 +54,11 @@ def test_load_round_trip_matches_the_trained_model(trained):
     torch.testing.assert_close(codes["y"], ref["codes"]["y"], rtol=0, atol=0)
     torch.testing.assert_close(run.decode({"z": codes["z"], "y": codes["y"]}), ref["decoded"], rtol=0, atol=0)
     torch.testing.assert_close(run.classify(ref["x"]), ref["codes"]["y"].argmax(1))
-    torch.testing.assert_close(run.sample(5, labels=[0, 1, 2, 3, 4], seed=7), ref["sampled"], rtol=0, atol=0)
+    with decoder_inputs(10 + 2) as seen:  # y, z
+        sampled = run.sample(5, labels=[0, 1, 2, 3, 4], seed=7)
+    torch.testing.assert_close(sampled, ref["sampled"], rtol=0, atol=0)
+    # and what both sampled is the labels' own: y is their one-hot (the categorical prior's component per class)
+    assert torch.equal(seen[0][:, :10], torch.eye(10)[:5])
     # uint8 pixels are scaled as in training
     pixels = (ref["x"] * 255).round().to(torch.uint8)
     torch.testing.assert_close(run.encode(pixels)["z"], run.encode(pixels.float() / 255)["z"])
@@ -127,6 +132,108 @@ def test_sample_writes_png_of_the_right_size_and_never_overwrites(cli_run, tmp_p
     result = run_cli("sample", str(cli_run), "--interpolate", "-n", "2", "--steps", "5", "--out", str(walk))
     assert result.returncode == 0, result.stderr
     assert plt.imread(walk).shape[:2] == (2 * 28, 5 * 28)
+
+
+def test_sample_labels_land_on_their_component(cli_run):
+    """gmm_label's prior has one arm per class: sample(n, labels=...) decodes draws of each row's own arm (the
+    decoder's input is observed, nothing replaced); one label serves every row; without labels, every arm."""
+    run = aaekit.load(cli_run)
+    labels = torch.arange(10).repeat(30)
+    with decoder_inputs(2) as seen:
+        images = run.sample(300, labels=labels, seed=1)
+        run.sample(100, labels=3, seed=2)
+        run.sample(300, seed=3)
+    per_row, one_label, unlabelled = seen
+    far = far_from_centre(per_row)
+    assert far.sum() > 200
+    assert torch.equal(component_of(per_row)[far], labels[far])
+    assert set(component_of(one_label)[far_from_centre(one_label)].tolist()) == {3}
+    assert set(component_of(unlabelled)[far_from_centre(unlabelled)].tolist()) == set(range(10))
+    # the images are the decoded draws themselves
+    torch.testing.assert_close(images, run.decode(per_row), rtol=0, atol=1e-6)
+
+
+def test_interpolation_walks_between_draws_of_the_rows_label(cli_run):
+    """interpolate(n, steps, labels): row i walks in a straight line, in even steps, between two draws of label
+    i's arm, and the images are those points decoded."""
+    run = aaekit.load(cli_run)
+    labels = torch.arange(10).repeat(3)
+    with decoder_inputs(2) as seen:
+        walks = run.interpolate(30, steps=5, labels=labels, seed=4)
+    (points,) = seen
+    points = points.reshape(30, 5, 2)
+    assert walks.shape == (30, 5, 28, 28)
+    for end in (points[:, 0], points[:, -1]):
+        far = far_from_centre(end)
+        assert far.sum() > 20
+        assert torch.equal(component_of(end)[far], labels[far])
+    assert not torch.allclose(points[:, 0], points[:, -1])  # two draws, not one
+    t = torch.linspace(0, 1, 5).view(1, 5, 1)
+    torch.testing.assert_close(points, torch.lerp(points[:, :1], points[:, -1:], t), rtol=0, atol=1e-5)
+    decoded = run.decode(points.reshape(150, 2))
+    torch.testing.assert_close(walks.reshape(150, 28, 28), decoded, rtol=0, atol=1e-6)
+
+
+def test_sample_and_interpolate_pngs_are_the_decoded_draws_of_the_labels(cli_run, tmp_path):
+    """`aaekit sample --labels 3,7`: column j holds draws of label j's arm, decoded; `--interpolate --labels`:
+    row i walks between two draws of the i-th label (cycled)."""
+    run = aaekit.load(cli_run)
+    out = tmp_path / "labels.png"
+    with decoder_inputs(2) as seen:
+        result = run_cli("sample", str(cli_run), "--labels", "3,7", "-n", "40", "--seed", "5",
+                         "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    (z,) = seen
+    columns = torch.tensor([3, 7]).repeat(40)  # row-major: (row 0: 3, 7), (row 1: 3, 7), ...
+    far = far_from_centre(z)
+    assert far.sum() > 50 and torch.equal(component_of(z)[far], columns[far])
+    assert same_picture(read_grid(out), as_grid(run.decode(z), 40, 2))
+
+    walk = tmp_path / "walk.png"
+    with decoder_inputs(2) as seen:
+        result = run_cli("sample", str(cli_run), "--interpolate", "--labels", "2,5", "-n", "20", "--steps", "4",
+                         "--out", str(walk))
+    assert result.returncode == 0, result.stderr
+    (points,) = seen
+    ends = points.reshape(20, 4, 2)[:, [0, -1]].reshape(40, 2)
+    rows = torch.tensor([2, 5]).repeat(10).repeat_interleave(2)
+    far = far_from_centre(ends)
+    assert far.sum() > 25 and torch.equal(component_of(ends)[far], rows[far])
+    assert same_picture(read_grid(walk), as_grid(run.decode(points), 20, 4))
+
+
+def test_gaussian_posterior_samples_while_training_and_gives_its_mean_when_evaluating(trained):
+    """The Gaussian posterior (§2): while training z = mu(x) + sigma(x) * eps, eps ~ N(0, I) drawn from the
+    generator it is given (the run's noise stream, so that resuming is exact); when evaluating, mu(x)."""
+    run_dir, ref = trained
+    run = aaekit.load(run_dir)
+    encoder = run.model.encoder
+    x = ref["x"].reshape(6, -1)
+    with torch.no_grad():  # mu and log sigma^2, the two halves of the code's output layer
+        mean, logvar = encoder.outputs["z"](encoder.trunk(x)).chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(min=encoder.min_logvar))
+
+    evaluated = run.encode(ref["x"])["z"]
+    torch.testing.assert_close(evaluated, mean, rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.equal(encoder(x, generator=torch.Generator().manual_seed(9))["z"], mean)
+
+    reps = 4000
+
+    @torch.no_grad()
+    def draws(seed: int) -> torch.Tensor:  # reps draws for each of the 6 examples, in training mode
+        return encoder(x.repeat(reps, 1), generator=torch.Generator().manual_seed(seed))["z"]
+
+    encoder.train()
+    try:
+        first, again, other = draws(1), draws(1), draws(2)
+    finally:
+        encoder.eval()
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    eps = ((first - mean.repeat(reps, 1)) / std.repeat(reps, 1)).reshape(reps, 6, 2)
+    # 4000 draws per value: the mean of eps within 0.07 of 0 (4.4 standard errors), its spread within 6 % of 1
+    assert eps.mean(0).abs().max() < 0.07, eps.mean(0)
+    assert (eps.std(0) - 1).abs().max() < 0.06, eps.std(0)
 
 
 def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):

@@ -38,7 +38,10 @@ def test_throughput_quick_writes_every_figure(tmp_path, capsys):
         split = r["time_breakdown"]["ms_per_step"]
         assert set(split) == {"matmul", "optimizer", "casts", "data", "other_ops", "autograd", "python"}, name
         assert all(v >= 0 for v in split.values()) and split["matmul"] > 0 and split["optimizer"] > 0, (name, split)
-        assert sum(split.values()) >= 0.999 * r["time_breakdown"]["profiled_step_ms"], (name, split)
+        # the operators' own (self) times are disjoint spans of the profiled steps: together at most the step
+        # ("python", the rest, is what remains of it; counting a span's children in it as well would exceed it)
+        measured = sum(v for category, v in split.items() if category != "python")
+        assert measured <= 1.01 * r["time_breakdown"]["profiled_step_ms"], (name, split, r["time_breakdown"])
     assert report["results"]["plain_fp32"]["time_breakdown"]["ms_per_step"]["data"] > 0  # its DataLoader
     assert report["results"]["aaekit_fp32"]["time_breakdown"]["ms_per_step"]["data"] == 0  # an index, no loader
     assert "bfloat16" in report["results"]["aaekit_bf16"]["matmul_dtypes"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -25,25 +26,50 @@ def test_help_does_not_import_torch():
     assert out.returncode == 0, out.stderr
 
 
+SUMMARY = re.compile(r"\d+ problem\(s\) found; nothing was run\.")
+
+
 def test_user_mistakes_exit_2_without_traceback(tmp_path):
+    """Each mistake: exit status 2 and, on stderr, exactly one `error: ...` line per problem, naming it (a recipe's
+    problems are followed by their count), and nothing else: no traceback, no second line."""
+    gaussian = str(ROOT / "recipes" / "gaussian.toml")
     cases = [
-        ("run", str(tmp_path / "missing.toml")),
-        ("run", str(ROOT / "recipes" / "gaussian.toml"), "train.epochs"),
-        ("run", str(ROOT / "recipes" / "gaussian.toml"), "codes.z.prior.name=nope"),
-        ("run", str(ROOT / "recipes" / "gaussian.toml"), "--plugins-dir", str(tmp_path / "no-such-dir")),
-        ("validate", str(ROOT / "README.md")),
+        (("run", str(tmp_path / "missing.toml")), [f"{tmp_path / 'missing.toml'}: recipe file not found"]),
+        (("run", gaussian, "train.epochs"), ["override 'train.epochs': expected KEY=VALUE"]),
+        (("run", gaussian, "codes.z.prior.name=nope"), ["codes.z.prior.name=nope", "unknown prior 'nope'"]),
+        (("run", gaussian, "--plugins-dir", str(tmp_path / "no-such-dir")),
+         [f"--plugins-dir {tmp_path / 'no-such-dir'}: not a directory"]),
+        (("validate", str(ROOT / "README.md")), [f"{ROOT / 'README.md'}: not valid TOML"]),
+        (("run", gaussian, "--resume", "--output-dir", str(tmp_path / "none")), ["holds no run to resume"]),
+        (("eval", str(tmp_path / "nowhere")), [f"{tmp_path / 'nowhere'}: no such run directory"]),
+        (("sample", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")),
+         [f"{tmp_path / 'nowhere'}: no such run directory"]),
     ]
-    for args in cases:
+    for args, fragments in cases:
         out = aaekit(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
-        assert "Traceback" not in out.stderr, (args, out.stderr)
-        assert out.stderr.startswith("error:") or "Error" in out.stderr, (args, out.stderr)
+        lines = out.stderr.splitlines()
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1, (args, out.stderr)
+        assert all(fragment in errors[0] for fragment in fragments), (args, fragments, errors[0])
+        others = [line for line in lines if not line.startswith("error: ")]
+        assert all(SUMMARY.fullmatch(line) for line in others) and len(others) <= 1, (args, out.stderr)
+        assert "error:" not in out.stdout, (args, out.stdout)
+    # two problems in one recipe: one line each, then their count
+    out = aaekit("validate", gaussian, "train.epochs=0", "train.bogus=1")
+    assert out.returncode == 2
+    lines = out.stderr.splitlines()
+    assert len(lines) == 3 and SUMMARY.fullmatch(lines[2]) and lines[2].startswith("2 "), out.stderr
+    assert "train.epochs=0" in lines[0] and "expected an integer >= 1" in lines[0], lines
+    assert "train.bogus=1" in lines[1] and "unknown key" in lines[1], lines
 
 
 def test_unknown_plugin_in_recipe_names_file_key_and_choices(tmp_path):
     out = aaekit("run", str(ROOT / "recipes" / "gaussian.toml"), "encoder.name=gausian", "--output-dir", str(tmp_path / "r"))
     assert out.returncode == 2
-    assert "recipes/gaussian.toml: encoder.name: unknown posterior 'gausian' (did you mean 'gaussian'?)" in out.stderr
+    assert ("command-line override 'encoder.name=gausian' (applied to " in out.stderr
+            and "recipes/gaussian.toml): encoder.name: unknown posterior 'gausian' (did you mean 'gaussian'?)"
+            in out.stderr)
     assert not (tmp_path / "r").exists()
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from aaekit.metrics import clustering_errors, linear_assignment
+from aaekit.evaluation.clustering import clustering_errors, linear_assignment
 from conftest import aaekit, tiny_run_args
 
 
@@ -108,10 +108,26 @@ def test_short_clustering_run_beats_a_random_assignment(tmp_path):
 
 
 def test_cluster16_recipe_runs_and_draws_one_row_per_cluster(tmp_path):
-    import matplotlib.image
+    """clusters.png (the paper's Figure 9): row k holds the first 20 test images that the trained model assigns
+    to cluster k (argmax q(y|x)), in test-set order, the rest of the row black."""
+    import aaekit as api
+    from aaekit.data import DeviceData
+    from aaekit.evaluation.validation import encode_split
+    from helpers_promises import as_grid, read_grid, same_picture
 
     run = tmp_path / "cluster16"
     done = aaekit(*tiny_run_args("recipes/cluster16.toml", run))
     assert done.returncode == 0, done.stderr
-    grid = matplotlib.image.imread(run / "clusters.png")
-    assert grid.shape[0] == 16 * 28  # one row of test images per cluster (the paper's Figure 9)
+    grid = read_grid(run / "clusters.png")
+    assert grid.shape == (16 * 28, 20 * 28)  # one row of test images per cluster
+
+    loaded = api.load(run)
+    test = DeviceData(loaded.dataset().load("test"), torch.device("cpu"))
+    codes, _, _ = encode_split(loaded.model, test)  # the codes the picture was drawn from
+    assigned = codes["y"].argmax(dim=1)
+    rows = torch.zeros(16, 20, 28, 28)
+    for cluster in range(16):
+        members = (assigned == cluster).nonzero().flatten()[:20]
+        rows[cluster, : len(members)] = test.inputs(members).reshape(-1, 28, 28)
+    assert same_picture(grid, as_grid(rows.reshape(-1, 28, 28), 16, 20))
+    assert grid.max() > 0.5  # test images were drawn, not only black rows

@@ -179,21 +179,21 @@ def test_imbalance_warning_fires_once_per_code(trainer, capsys):
     t = trainer("train.imbalance_warning_steps=30")
     discriminator_wins = {"accuracy/prior.z": 1.0, "accuracy/code.z": 1.0}
     balanced = {"accuracy/prior.z": 0.6, "accuracy/code.z": 0.5}
-    t.check_imbalance(discriminator_wins, 20)
-    t.check_imbalance(balanced, 20)  # a balanced stretch resets the count
-    t.check_imbalance(discriminator_wins, 20)
+    t.monitor.check_imbalance(discriminator_wins, 20)
+    t.monitor.check_imbalance(balanced, 20)  # a balanced stretch resets the count
+    t.monitor.check_imbalance(discriminator_wins, 20)
     assert "warning" not in capsys.readouterr().out
-    t.check_imbalance(discriminator_wins, 20)
+    t.monitor.check_imbalance(discriminator_wins, 20)
     out = capsys.readouterr().out
     assert out.count("warning: for code 'z' the discriminator has been winning for 40 steps") == 1
     for _ in range(5):
-        t.check_imbalance({"accuracy/prior.z": 0.5, "accuracy/code.z": 0.0}, 20)
+        t.monitor.check_imbalance({"accuracy/prior.z": 0.5, "accuracy/code.z": 0.0}, 20)
     assert "warning" not in capsys.readouterr().out  # once per code, whichever side wins
 
 
 def test_imbalance_warning_for_the_encoder_side(trainer, capsys):
     t = trainer("train.imbalance_warning_steps=10")
-    t.check_imbalance({"accuracy/prior.z": 0.5, "accuracy/code.z": 0.0}, 10)
+    t.monitor.check_imbalance({"accuracy/prior.z": 0.5, "accuracy/code.z": 0.0}, 10)
     assert "the encoder (generator) has been winning" in capsys.readouterr().out
 
 
@@ -201,9 +201,9 @@ def test_imbalance_warning_catches_the_measured_failure(trainer, capsys):
     """gmm_label with a too slow generator ended at 94 % accuracy on codes, 99 % on prior samples, with the codes
     far outside the prior: that must warn; a healthy run (45 % / 80 %) must not."""
     t = trainer("train.imbalance_warning_steps=20")
-    t.check_imbalance({"accuracy/prior.z": 0.80, "accuracy/code.z": 0.45}, 100)
+    t.monitor.check_imbalance({"accuracy/prior.z": 0.80, "accuracy/code.z": 0.45}, 100)
     assert "warning" not in capsys.readouterr().out
-    t.check_imbalance({"accuracy/prior.z": 0.9855, "accuracy/code.z": 0.9445}, 100)
+    t.monitor.check_imbalance({"accuracy/prior.z": 0.9855, "accuracy/code.z": 0.9445}, 100)
     assert "the discriminator has been winning for 100 steps" in capsys.readouterr().out
 
 

@@ -1,4 +1,4 @@
-"""bf16 on a CPU with fp32 master weights (aaekit/master_weights.py): the same numbers as autocast, checkpoints in
+"""bf16 on a CPU with fp32 master weights (aaekit/cpu/master_weights.py): the same numbers as autocast, checkpoints in
 fp32, exact resume, two ranks, and the torch fallback when no compiler is there."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from safetensors.torch import load_file
 
-from aaekit.master_weights import LOW_PRECISION_MODULES, MasterAdam, MasterSGD, MasterWeights, compiled_kernel
+from aaekit.cpu.master_weights import LOW_PRECISION_MODULES, MasterAdam, MasterSGD, MasterWeights, compiled_kernel
 from conftest import aaekit, aaekit_process, prepared_trainer, two_code_recipe
 from test_distributed import ONE_THREAD, assert_ranks_identical, launch_two_ranks, metric_lines
 from test_schedule import gaussian_trainer
@@ -259,7 +259,7 @@ def test_two_ranks_in_bf16_stay_identical(tmp_path):
 RANK_MEANS = textwrap.dedent("""
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from aaekit.master_weights import mean_gradients_in_fp32
+    from aaekit.cpu.master_weights import mean_gradients_in_fp32
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -297,7 +297,7 @@ def test_ranks_average_bf16_gradients_in_fp32(tmp_path):
     assert int(counts["hooked"]) == 0, counts
 
 
-KERNEL_STATUS = "from aaekit.master_weights import compiled_kernel; fn, why = compiled_kernel(); print(fn is not None, why)"
+KERNEL_STATUS = "from aaekit.cpu.master_weights import compiled_kernel; fn, why = compiled_kernel(); print(fn is not None, why)"
 
 
 @linux_only

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from aaekit.parzen import mean_and_standard_error, parzen_estimate, parzen_log_likelihoods
+from aaekit.evaluation.parzen import mean_and_standard_error, parzen_estimate, parzen_log_likelihoods
 
 
 def skewed_data():

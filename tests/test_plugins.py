@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -75,9 +76,46 @@ def test_builtins_come_through_entry_points():
     assert registry.broken == []
 
 
-def test_loading_is_lazy_and_once():
-    first = plugins.get_registry()
-    assert plugins.get_registry() is first
+COUNTING_PLUGIN = """
+import os
+from aaekit.hookspecs import hookimpl
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "events.txt")
+with open(LOG, "a") as fh:
+    fh.write("imported\\n")
+
+
+@hookimpl
+def register_priors(register):
+    with open(LOG, "a") as fh:
+        fh.write("registered\\n")
+"""
+
+LAZY_AND_ONCE = """
+import sys
+from pathlib import Path
+
+import aaekit, aaekit.api, aaekit.cli, aaekit.engine, aaekit.plugins, aaekit.recipe
+log = Path(sys.argv[1]) / "events.txt"
+assert not log.exists(), "a plugin was loaded by importing aaekit"
+assert not [m for m in sys.modules if m.startswith("aaekit_builtins")], "the built-in plugins were imported"
+first = aaekit.plugins.get_registry()
+assert "aaekit_builtins" in sys.modules and "gaussian" in first.components["prior"]
+assert aaekit.plugins.get_registry() is first
+aaekit.recipe.load_recipe("recipes/gaussian.toml")  # a user of the registry, loading nothing again
+print(log.read_text().split())
+"""
+
+
+def test_loading_is_lazy_and_once(tmp_path):
+    """Importing aaekit (CLI, API, engine) loads no plugin; the first get_registry() loads each once (the module
+    imported once, its hook called once), and later calls return the same registry. In a fresh interpreter,
+    with a one-off plugin file that logs when it is imported and when its hook runs."""
+    (tmp_path / "counting.py").write_text(COUNTING_PLUGIN)
+    out = subprocess.run([sys.executable, "-c", LAZY_AND_ONCE, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "AAEKIT_PLUGINS_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['imported', 'registered']", out.stdout
 
 
 def test_one_off_plugin_file(tmp_path):

@@ -147,10 +147,43 @@ def test_smoothed_categorical_stays_on_the_simplex_near_its_label():
     assert abs(off.mean().item() - 0.01) < 0.001  # E[w] * E[d_other] = 0.1 * 0.1
 
 
+def check_priors_on(device: str) -> None:
+    """Every built-in prior drawing on ``device`` from a generator there: the samples are on that device,
+    reproducible from the seed, and distributed as on the CPU (moments, bounds, the label's component)."""
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    for name, dim in (("gaussian", 2), ("uniform", 2), ("gmm", 2), ("swiss_roll", 2), ("categorical", 10)):
+        prior = build(name, dim)
+        z = prior.sample(N, generator=gen(0), device=device)
+        assert z.device.type == torch.device(device).type, name
+        assert z.shape == (N, dim) and z.dtype == torch.float32, name
+        assert torch.equal(z, prior.sample(N, generator=gen(0), device=device)), name
+        assert not torch.equal(z, prior.sample(N, generator=gen(1), device=device)), name
+        assert torch.isfinite(z).all(), name
+
+    z = build("gaussian", 4, std=5.0, mean=1.0).sample(N, generator=gen(2), device=device).cpu()
+    assert torch.allclose(z.mean(0), torch.full((4,), 1.0), atol=0.15)
+    assert torch.allclose(z.std(0), torch.full((4,), 5.0), rtol=0.03)
+    z = build("uniform", 3, low=-2.0, high=4.0).sample(N, generator=gen(3), device=device).cpu()
+    assert z.min() >= -2.0 and z.max() <= 4.0 and z.min() < -1.95 and z.max() > 3.95
+    assert torch.allclose(z.mean(0), torch.full((3,), 1.0), atol=0.06)
+
+    labels = (torch.arange(N) % 10).to(device)
+    z = build("gmm", 2).sample(N, labels, generator=gen(4), device=device).cpu()
+    far = z.norm(dim=1) > 1.0  # clear of the centre, where the arms overlap
+    angle = torch.remainder(torch.atan2(z[:, 1], z[:, 0]), 2 * math.pi)
+    assert torch.equal((torch.round(angle / (2 * math.pi / 10)).long() % 10)[far], labels.cpu()[far])
+    r = build("swiss_roll", 2).sample(N, labels, generator=gen(5), device=device).cpu().norm(dim=1)
+    k = labels.cpu()
+    assert (r >= 3 * torch.sqrt(k / 10) - 1e-5).all() and (r <= 3 * torch.sqrt((k + 1) / 10) + 1e-5).all()
+    y = build("categorical", 10).sample(N, labels, generator=gen(6), device=device).cpu()
+    assert torch.equal(y, torch.nn.functional.one_hot(labels.cpu(), 10).float())
+    y = build("categorical", 10).sample(N, generator=gen(7), device=device).cpu()
+    assert torch.allclose(y.mean(0), torch.full((10,), 0.1), atol=0.01)
+
+
 def test_priors_sample_on_the_generators_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for name, dim in (("gaussian", 2), ("uniform", 2), ("gmm", 2), ("swiss_roll", 2), ("categorical", 10)):
-        z = build(name, dim).sample(8, generator=gen, device="cuda")
-        assert z.device.type == "cuda"
+    check_priors_on("cuda")

@@ -102,13 +102,29 @@ def test_short_run_classifies_well_above_chance(tmp_path):
 
 
 def test_supervised_run_writes_the_style_grid(tmp_path):
-    run = tmp_path / "sup"
-    done = aaekit(*tiny_run_args("recipes/supervised.toml", run))
-    assert done.returncode == 0, done.stderr
-    import matplotlib.image
+    """style.png (the paper's Figure 7): each row decodes one z, a new one per row, with every class in turn
+    along it. The decoder's inputs while the pictures are drawn are observed, and the one that style.png shows
+    is checked: z shared along each row, the one-hot labels 0..9 along every row."""
+    import aaekit as api
+    from helpers_promises import as_grid, decoder_inputs, read_grid, same_picture
 
-    grid = matplotlib.image.imread(run / "style.png")
-    assert grid.shape[:2] == (280, 280)  # 10 styles x 10 classes of 28x28
+    run = tmp_path / "sup"
+    with decoder_inputs(10 + 10) as seen:  # z (10) and the one-hot label (10)
+        done = aaekit(*tiny_run_args("recipes/supervised.toml", run))
+    assert done.returncode == 0, done.stderr
+    grid = read_grid(run / "style.png")
+    assert grid.shape == (280, 280)  # 10 styles x 10 classes of 28x28
+    model = api.load(run).model
+    with torch.no_grad():
+        shown = [x for x in seen if len(x) == 100 and same_picture(
+            grid, as_grid(model.to_data_space(model.decoder(x)).reshape(100, 28, 28), 10, 10))]
+    assert shown, "style.png is not the decoding of any input the decoder was given"
+    x = shown[-1].reshape(10, 10, 20)  # (row, column, decoder input)
+    z, labels = x[..., :10], x[..., 10:]
+    assert torch.equal(labels.argmax(-1), torch.arange(10).repeat(10, 1))  # column j: class j, in every row
+    assert torch.equal(labels.sum(-1), torch.ones(10, 10))
+    assert torch.equal(z, z[:, :1].expand(10, 10, 10))  # one z per row ...
+    assert len({tuple(row.tolist()) for row in z[:, 0]}) == 10  # ... a different one in each
     # eval refuses a metric the model cannot give, with one clear line
     bad = aaekit("eval", str(run), "--metric", "classification", "--device", "cpu")
     assert bad.returncode == 2 and "no categorical code" in bad.stderr and "Traceback" not in bad.stderr

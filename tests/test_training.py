@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, aaekit, tiny_run_args
+from conftest import ROOT, TINY, aaekit, prepared_trainer, tiny_run_args
 
 from aaekit.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -96,3 +96,29 @@ def test_batch_normalised_encoder_saves_its_statistics_and_evaluates_per_example
         together = run.model.encoder(x)["z"]
         alone = run.model.encoder(x[:1])["z"]  # running statistics, not the batch's: an example's code is its own
     torch.testing.assert_close(alone[0], together[0])
+
+
+def test_gaussian_posterior_trains_on_sampled_codes(tmp_path):
+    """posterior_gaussian.toml: the engine's phases decode z ~ N(mu(x), sigma(x)^2), not mu(x) (§2); the samples
+    come from the run's noise stream. Observed on the decoder's input in a real reconstruction phase."""
+    import torch
+
+    trainer = prepared_trainer("recipes/posterior_gaussian.toml", tmp_path,
+                               [*TINY, "codes.z.discriminator.hidden=[16]"])
+    encoder = trainer.model.encoder
+    index = trainer.batches.take(20)
+    x = trainer.train_data.inputs(index)
+    with torch.no_grad():
+        mean, logvar = encoder.outputs["z"](encoder.trunk(x)).chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(min=encoder.min_logvar))
+    seen = []
+    handle = trainer.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        trainer.reconstruction_phase(x, trainer.train_data.y[index])
+    finally:
+        handle.remove()
+    (z,) = seen
+    assert encoder.training
+    eps = (z - mean) / std  # 20 x 8 standard normal draws
+    assert 0.7 < eps.std().item() < 1.3, eps.std()
+    assert eps.mean().abs().item() < 0.35, eps.mean()
