@@ -35,7 +35,7 @@ from aaekit.monitor import Monitor
 from aaekit.optim import base_lr, hot_path, lr_scale, phase_optimizers, uses_master_weights
 from aaekit.recipe import Recipe, dataset_params
 from aaekit.runs import model_record, refuse_lonely_process
-from aaekit.stopping import StopRequests
+from aaekit.stopping import StopAtOnce, StopRequests
 from aaekit.switches import TestSwitches
 
 # Recipe keys that may change when a run is resumed: extending it, checkpointing differently, or a CPU setting.
@@ -327,31 +327,34 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         window_steps, window_start, last = 0, time.perf_counter(), {}
         stop = StopRequests(acc.print)
-        with stop, Progress(total_steps, step, enabled=acc.is_main_process) as progress:
-            while step < total_steps:
-                if step_in_epoch == 0:
-                    self.set_epoch_lr(epoch)
-                    if step > 0 or self.batches.position > 0:
-                        self.batches.start_pass()  # drop the remainder of the last pass
-                self.switches.before_step(acc.process_index, step)
-                index = self.rank_slice(self.batches.take(cfg["batch_size"])).to(self.device)
-                for k, v in self.train_step(index).items():
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-                step, step_in_epoch, window_steps = step + 1, step_in_epoch + 1, window_steps + 1
-                epoch_done = step_in_epoch == self.steps_per_epoch
-                if epoch_done:
-                    epoch, step_in_epoch = epoch + 1, 0
-                at_end = step == total_steps
-                checkpoint_due = cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0
-                if step % cfg["log_every"] == 0 or epoch_done or at_end or checkpoint_due:
-                    last = self.log(sums, window_steps, time.perf_counter() - window_start, step, epoch, epoch_done)
-                    progress.update(step, epoch, last)
-                    sums, window_steps, window_start = {}, 0, time.perf_counter()
-                    if not at_end and self.stop_agreed(stop.requested is not None):
-                        self.save_checkpoint(step, epoch)  # at a log step: whole windows, an exact resume
-                        raise stop.stopped(step, self.run_dir)
-                if checkpoint_due and not at_end:
-                    self.save_checkpoint(step, epoch)
+        try:
+            with stop, Progress(total_steps, step, enabled=acc.is_main_process) as progress:
+                while step < total_steps:
+                    if step_in_epoch == 0:
+                        self.set_epoch_lr(epoch)
+                        if step > 0 or self.batches.position > 0:
+                            self.batches.start_pass()  # drop the remainder of the last pass
+                    self.switches.before_step(acc.process_index, step)
+                    index = self.rank_slice(self.batches.take(cfg["batch_size"])).to(self.device)
+                    for k, v in self.train_step(index).items():
+                        sums[k] = sums[k] + v if k in sums else v.clone()
+                    step, step_in_epoch, window_steps = step + 1, step_in_epoch + 1, window_steps + 1
+                    epoch_done = step_in_epoch == self.steps_per_epoch
+                    if epoch_done:
+                        epoch, step_in_epoch = epoch + 1, 0
+                    at_end = step == total_steps
+                    checkpoint_due = cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0
+                    if step % cfg["log_every"] == 0 or epoch_done or at_end or checkpoint_due:
+                        last = self.log(sums, window_steps, time.perf_counter() - window_start, step, epoch, epoch_done)
+                        progress.update(step, epoch, last)
+                        sums, window_steps, window_start = {}, 0, time.perf_counter()
+                        if not at_end and self.stop_agreed(stop.requested is not None):
+                            self.save_checkpoint(step, epoch)  # at a log step: whole windows, an exact resume
+                            raise stop.stopped(step, self.run_dir)
+                    if checkpoint_due and not at_end:
+                        self.save_checkpoint(step, epoch)
+        except StopAtOnce as exc:  # a second request: mid-step, so the last checkpoint is what remains
+            raise stop.stopped_at_once(exc.signum, step, self._last_good, self.run_dir) from None
         self.save_checkpoint(step, epoch)
         self.finish()
         return last

@@ -15,6 +15,14 @@ from aaekit.errors import TrainingStopped
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class StopAtOnce(BaseException):
+    """The second request: raised wherever the run is (mid-step), so nothing of this step is saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequests:
     """Installs the handlers for the length of a ``with`` block (only the main thread can)."""
 
@@ -34,7 +42,7 @@ class StopRequests:
 
     def _on_signal(self, signum, frame) -> None:
         if self.requested is not None:
-            raise KeyboardInterrupt
+            raise StopAtOnce(signum)
         self.requested = signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         self.say(f"{name}: going on to the next log step, then writing a checkpoint ({name} again to stop at once)",
@@ -47,3 +55,10 @@ class StopRequests:
             f"interrupted at step {step} ({signal.Signals(signum).name}); checkpoint written to "
             f"{run_dir / 'checkpoints'}; continue with: aaekit run {run_dir / 'recipe.toml'} --resume "
             f"--output-dir {run_dir}", exit_code=128 + int(signum))
+
+    def stopped_at_once(self, signum: int, step: int, last_good: str | None, run_dir) -> TrainingStopped:
+        """The error that ends a run stopped mid-step by a second request: the last checkpoint is what remains."""
+        resume = (f"continue with: aaekit run {run_dir / 'recipe.toml'} --resume --output-dir {run_dir}"
+                  if last_good else "no checkpoint was written yet; start the run again")
+        return TrainingStopped(f"stopped at once during step {step + 1} ({signal.Signals(signum).name} again); the "
+                               f"last checkpoint is kept: {last_good or 'none'}; {resume}", exit_code=128 + int(signum))

@@ -228,7 +228,7 @@ MUTATIONS = [
         "a checkpoint resumes only on the number of processes that wrote it"),
     Mutation(
         "second-ctrl-c-ignored", "aaekit/stopping.py",
-        "        if self.requested is not None:\n            raise KeyboardInterrupt\n",
+        "        if self.requested is not None:\n            raise StopAtOnce(signum)\n",
         "        if self.requested is not None:\n            return\n",
         [f"{T_DIST}::test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint"],
         "a second Ctrl-C waits for the next log step like the first"),

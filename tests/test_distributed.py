@@ -335,8 +335,11 @@ def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
         err = stderr.read()
     out = "".join(seen)
     assert "going on to the next log step" in out, out[-3000:] + err[-3000:]
-    assert proc.returncode != 0, out[-2000:] + err[-2000:]
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "interrupted at step" not in out + err  # not the first Ctrl-C's stop at a log step
+    stopped = [line for line in err.splitlines() if line.startswith("stopped: stopped at once")]
+    assert len(stopped) == 1 and "step-00000008" in stopped[0] and "--resume" in stopped[0], err[-3000:]
+    assert "Traceback" not in err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
     assert [r["step"] for r in metric_lines(run_dir)] == [2, 4, 6, 8]
     assert (run_dir / "model.safetensors").read_bytes() == model
