@@ -26,8 +26,15 @@ from aaekit.recipe import Recipe
 class LoadedRun:
     """A trained model in eval mode, with the recipe and registry it was built from."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, registry, model: AAE, device: torch.device,
-                 weights_path: Path | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        recipe: Recipe,
+        registry,
+        model: AAE,
+        device: torch.device,
+        weights_path: Path | None = None,
+    ):
         self.run_dir = run_dir
         self.weights_path = weights_path or run_dir / "model.safetensors"
         self.recipe = recipe
@@ -41,7 +48,8 @@ class LoadedRun:
 
     # --- inputs ---------------------------------------------------------------------------------------
     def _as_inputs(self, x) -> torch.Tensor:
-        """Examples as the encoder takes them: (n, D) floats; uint8 pixels are scaled as in training. Accepts one
+        """Examples as the encoder takes them: (n, D) floats; uint8 pixels are scaled as in training. Accepts
+        one
         example or a batch, each shaped like the data (``input_shape``) or flat (D values)."""
         x = torch.as_tensor(x)
         if x.dtype == torch.uint8:
@@ -51,8 +59,10 @@ class LoadedRun:
         if tuple(x.shape) in (shape, (dim,)):  # a single example
             x = x.unsqueeze(0)
         if x.dim() < 1 or tuple(x.shape[1:]) not in (shape, (dim,)):
-            raise UserError(f"inputs of shape {tuple(x.shape)} do not fit this model, which takes a batch of "
-                            f"shape (N, {', '.join(map(str, shape))}) or (N, {dim}), or a single example")
+            raise UserError(
+                f"inputs of shape {tuple(x.shape)} do not fit this model, which takes a batch of "
+                f"shape (N, {', '.join(map(str, shape))}) or (N, {dim}), or a single example"
+            )
         return x.reshape(x.shape[0], dim)
 
     def _as_labels(self, labels, n: int) -> torch.Tensor | None:
@@ -64,10 +74,14 @@ class LoadedRun:
         if labels.numel() == 1 and n > 1:
             labels = labels.expand(n)
         if labels.numel() != n:
-            raise UserError(f"{labels.numel()} labels given for {n} rows; give one label per row (or one for all)")
+            raise UserError(
+                f"{labels.numel()} labels given for {n} rows; give one label per row (or one for all)"
+            )
         bad = labels[(labels < 0) | (labels >= self.model.num_classes)]
         if len(bad):
-            raise UserError(f"label {int(bad[0])} is out of range; labels are 0..{self.model.num_classes - 1}")
+            raise UserError(
+                f"label {int(bad[0])} is out of range; labels are 0..{self.model.num_classes - 1}"
+            )
         return labels
 
     # --- the model ------------------------------------------------------------------------------------
@@ -84,7 +98,9 @@ class LoadedRun:
         if not isinstance(codes, dict):
             if len(self.model.codes) != 1:
                 names = ", ".join(c.name for c in self.model.codes)
-                raise UserError(f"this model has several codes ({names}); pass decode a dict {{name: tensor}}")
+                raise UserError(
+                    f"this model has several codes ({names}); pass decode a dict {{name: tensor}}"
+                )
             codes = {self.model.codes[0].name: codes}
         missing = [c.name for c in self.model.codes if c.name not in codes]
         if missing:
@@ -109,7 +125,8 @@ class LoadedRun:
     @torch.no_grad()
     def interpolate(self, n: int, steps: int = 10, labels=None, seed: int | None = None) -> torch.Tensor:
         """``n`` straight walks in code space between two prior draws, decoded at ``steps`` evenly spaced
-        points: (n, steps, *input_shape). With ``labels``, both ends of row i come from label i's component."""
+        points: (n, steps, *input_shape). With ``labels``, both ends of row i come from label i's
+        component."""
         if steps < 2:
             raise UserError(f"interpolate: steps must be at least 2, got {steps}")
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
@@ -117,8 +134,12 @@ class LoadedRun:
         start, decoder_labels = self.model.prior_codes(n, labels, generator)
         end, _ = self.model.prior_codes(n, labels, generator)
         t = torch.linspace(0, 1, steps, device=self.device).view(1, steps, 1)
-        walk = {k: torch.lerp(start[k].float().unsqueeze(1), end[k].float().unsqueeze(1), t).reshape(n * steps, -1)
-                for k in start}
+        walk = {
+            k: torch.lerp(start[k].float().unsqueeze(1), end[k].float().unsqueeze(1), t).reshape(
+                n * steps, -1
+            )
+            for k in start
+        }
         walk_labels = decoder_labels.repeat_interleave(steps) if decoder_labels is not None else None
         logits = self.model.decoder(self.model.decoder_input(walk, walk_labels)).float()
         return self.model.to_data_space(logits).reshape(n, steps, *self.model.input_shape)
@@ -132,8 +153,10 @@ class LoadedRun:
         """The predicted class (argmax of the categorical code) of each example."""
         name = self.categorical_code
         if name is None:
-            raise UserError(f"{self.run_dir}: this model has no categorical code, so it cannot classify; "
-                            "classify() needs a recipe with a code of kind \"categorical\"")
+            raise UserError(
+                f"{self.run_dir}: this model has no categorical code, so it cannot classify; "
+                'classify() needs a recipe with a code of kind "categorical"'
+            )
         return self.model.encoder(self._as_inputs(x))[name].argmax(dim=1)
 
     def dataset(self):
@@ -149,25 +172,37 @@ def missing_plugins_hint(record: dict | None, registry) -> str:
     """Which components of the run are not registered now, and where they came from when it was trained."""
     if record is None:
         return "; a plugin the run used may have changed or be missing (see `aaekit plugins`)"
-    missing = [f"{key} = {src['kind']} {src['name']!r} (from {src['plugin']})"
-               for key, src in record.get("components", {}).items()
-               if src["name"] not in registry.components.get(src["kind"], {})]
+    missing = [
+        f"{key} = {src['kind']} {src['name']!r} (from {src['plugin']})"
+        for key, src in record.get("components", {}).items()
+        if src["name"] not in registry.components.get(src["kind"], {})
+    ]
     hint = f"; not registered now: {', '.join(missing)}" if missing else ""
     dirs = record.get("plugins_dirs", [])
     gone = [d for d in dirs if not Path(d).is_dir()]
     if gone:
-        hint += f"; the run was trained with --plugins-dir {' '.join(gone)}, which no longer exists: pass " \
-                "--plugins-dir with the folder that now holds those plugin files"
+        hint += (
+            f"; the run was trained with --plugins-dir {' '.join(gone)}, which no longer exists: pass "
+            "--plugins-dir with the folder that now holds those plugin files"
+        )
     elif missing:
         hint += "; install the plugin that provides it, or pass --plugins-dir with the folder of its .py file"
     return hint
 
 
-def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_dirs=(),
-         checkpoint: str | None = None) -> LoadedRun:
+def load(
+    run_dir,
+    *,
+    device: str | torch.device = "cpu",
+    registry=None,
+    plugins_dirs=(),
+    checkpoint: str | None = None,
+) -> LoadedRun:
     """Rebuild the trained model of ``run_dir`` (its ``recipe.toml`` and ``model.safetensors``). With
-    ``checkpoint`` ("latest", a step number or a folder name under ``checkpoints/``) the weights come from that
-    checkpoint instead: an unfinished or crashed run can be evaluated, or a run at several points of training."""
+    ``checkpoint`` ("latest", a step number or a folder name under ``checkpoints/``) the weights come from
+    that
+    checkpoint instead: an unfinished or crashed run can be evaluated, or a run at several points of
+    training."""
     from aaekit.checkpoint import checkpoint_model, load_tensors
     from aaekit.plugins import get_registry
     from aaekit.recipe import load_recipe
@@ -175,15 +210,20 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory; give the folder `aaekit run` wrote (e.g. runs/<name>)")
+        raise UserError(
+            f"{run_dir}: no such run directory; give the folder `aaekit run` wrote (e.g. runs/<name>)"
+        )
     recipe_path = run_dir / "recipe.toml"
     weights_path = run_dir / "model.safetensors"
     if not recipe_path.is_file():
         raise UserError(f"{recipe_path}: missing; {run_dir} is not a run directory written by `aaekit run`")
     if checkpoint is None and not weights_path.is_file():
-        hint = ("the run has checkpoints but did not finish; finish it with `aaekit run <recipe> --resume "
-                f"--output-dir {run_dir}`, or evaluate its newest checkpoint with --checkpoint latest"
-                if (run_dir / "checkpoints").is_dir() else "was the run finished?")
+        hint = (
+            "the run has checkpoints but did not finish; finish it with `aaekit run <recipe> --resume "
+            f"--output-dir {run_dir}`, or evaluate its newest checkpoint with --checkpoint latest"
+            if (run_dir / "checkpoints").is_dir()
+            else "was the run finished?"
+        )
         raise UserError(f"{weights_path}: missing; {hint}")
     record = read_model_record(run_dir)
     recorded_dirs = [d for d in (record or {}).get("plugins_dirs", []) if Path(d).is_dir()]
@@ -192,9 +232,11 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
     try:
         recipe = load_recipe(recipe_path, [], registry)
     except RecipeError as exc:
-        raise UserError(f"{recipe_path}: the run's stored recipe no longer validates: "
-                        + "; ".join(p.split(": ", 1)[-1] for p in exc.problems)
-                        + missing_plugins_hint(record, registry)) from None
+        raise UserError(
+            f"{recipe_path}: the run's stored recipe no longer validates: "
+            + "; ".join(p.split(": ", 1)[-1] for p in exc.problems)
+            + missing_plugins_hint(record, registry)
+        ) from None
 
     if record is not None:
         input_shape, num_classes = record["input_shape"], record["num_classes"]
@@ -211,12 +253,19 @@ def load(run_dir, *, device: str | torch.device = "cpu", registry=None, plugins_
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     wrong_shape = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:4])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
-            f"wrong shape {', '.join(wrong_shape[:4])}" if wrong_shape else "") if part)
-        raise UserError(f"{weights_path}: the weights do not match {recipe_path} ({detail}); "
-                        "the two files come from different runs")
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:4])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
+                f"wrong shape {', '.join(wrong_shape[:4])}" if wrong_shape else "",
+            )
+            if part
+        )
+        raise UserError(
+            f"{weights_path}: the weights do not match {recipe_path} ({detail}); "
+            "the two files come from different runs"
+        )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
     device = torch.device(device)
     model.to(device).eval()

@@ -65,11 +65,14 @@ def load_tensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: corrupt or unreadable safetensors file ({exc}); "
-                        "restore it or retrain (it is not a pickle and will not be loaded as one)") from None
+        raise UserError(
+            f"{path}: corrupt or unreadable safetensors file ({exc}); "
+            "restore it or retrain (it is not a pickle and will not be loaded as one)"
+        ) from None
 
 
 # --- optimizer state: tensors to safetensors, the rest to JSON ------------------------------------
+
 
 def optimizer_to_files(name: str, state_dict: dict, tensors: dict) -> dict:
     meta_state = {}
@@ -82,7 +85,10 @@ def optimizer_to_files(name: str, state_dict: dict, tensors: dict) -> dict:
             else:
                 entry[key] = value
         meta_state[str(index)] = entry
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in state_dict["param_groups"]
+    ]
     return {"state": meta_state, "param_groups": groups}
 
 
@@ -90,13 +96,15 @@ def optimizer_from_files(name: str, meta: dict, tensors: dict) -> dict:
     state = {}
     for index, slots in meta["state"].items():
         state[int(index)] = {
-            key: tensors[f"{name}/{index}/{key}"] if value == "tensor" else value for key, value in slots.items()
+            key: tensors[f"{name}/{index}/{key}"] if value == "tensor" else value
+            for key, value in slots.items()
         }
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
 # --- checkpoint folders ------------------------------------------------------------------------------
+
 
 @dataclass
 class Checkpoint:
@@ -110,8 +118,9 @@ class Checkpoint:
 FILES = ("model.safetensors", "optimizers.safetensors", "rng.safetensors")
 
 
-def write_checkpoint(root: Path, step: int, model: dict, optimizers: dict, rng: dict, state: dict,
-                     keep: int = KEEP) -> Path:
+def write_checkpoint(
+    root: Path, step: int, model: dict, optimizers: dict, rng: dict, state: dict, keep: int = KEEP
+) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -143,8 +152,12 @@ def list_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
 def _verified_state(path: Path) -> dict:
@@ -156,7 +169,9 @@ def _verified_state(path: Path) -> dict:
     for name, size in state.get("files", {}).items():
         actual = (path / name).stat().st_size if (path / name).exists() else None
         if actual != size:
-            raise UserError(f"{path}/{name}: expected {size} bytes, found {actual}; the file is truncated or missing")
+            raise UserError(
+                f"{path}/{name}: expected {size} bytes, found {actual}; the file is truncated or missing"
+            )
     return state
 
 
@@ -192,13 +207,16 @@ def _newest_intact(root: Path, read, warn) -> tuple[Path, object, bool] | None:
 
 
 def checkpoint_model(root: Path, which: str) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Model weights of one checkpoint under ``root``: ``which`` is "latest" (the newest that is intact), a step
+    """Model weights of one checkpoint under ``root``: ``which`` is "latest" (the newest that is intact), a
+    step
     number, or a folder name such as "step-00012000". Returns (weights file, tensors)."""
     root = Path(root)
     available = list_checkpoints(root)
     if not available:
-        raise UserError(f"{root}: no checkpoints to load; the run wrote none (train.checkpoint_every) or they "
-                        "were removed")
+        raise UserError(
+            f"{root}: no checkpoints to load; the run wrote none (train.checkpoint_every) or they "
+            "were removed"
+        )
     if which == "latest":
         path, weights, _ = _newest_intact(root, _model_weights, warn=lambda message: None)
         return path / "model.safetensors", weights
@@ -206,7 +224,7 @@ def checkpoint_model(root: Path, which: str) -> tuple[Path, dict[str, torch.Tens
     path = root / name
     if path not in available:
         names = ", ".join(p.name for p in available)
-        raise UserError(f"{root}: no checkpoint {which!r}; available: {names} (or \"latest\")")
+        raise UserError(f'{root}: no checkpoint {which!r}; available: {names} (or "latest")')
     return path / "model.safetensors", _model_weights(path)
 
 
@@ -221,7 +239,9 @@ def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:
     return checkpoint
 
 
-# ---- a training run's whole state: what the engine saves at a checkpoint and restores on --resume ----------------
+# ---- a training run's whole state: what the engine saves at a checkpoint and restores on --resume
+# ----------------
+
 
 def stream_tensors(trainer) -> tuple[dict[str, torch.Tensor], dict]:
     """Every rank's noise generator state (gathered to all, a collective), plus the shared batch streams."""
@@ -240,29 +260,48 @@ def stream_tensors(trainer) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_training(trainer, step: int, epoch: int) -> Path | None:
-    """Write the checkpoint of ``step`` (collective: every rank calls it; rank 0 writes). Returns its folder."""
+    """Write the checkpoint of ``step`` (collective: every rank calls it; rank 0 writes). Returns its
+    folder."""
     acc = trainer.accelerator
     rng, info = stream_tensors(trainer)
     path = None
     if acc.is_main_process:
         opt_tensors: dict[str, torch.Tensor] = {}
-        opt_meta = {name: optimizer_to_files(name, opt.state_dict(), opt_tensors)
-                    for name, opt in trainer.optimizers.items()}
-        state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "streams": info,
-                 "optimizers": opt_meta, "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                 "imbalance": trainer.monitor.imbalance}
-        path = write_checkpoint(trainer.run_dir / "checkpoints", step, trainer.model.state_dict(), opt_tensors, rng,
-                                state, keep=trainer.train_cfg["keep_checkpoints"])
+        opt_meta = {
+            name: optimizer_to_files(name, opt.state_dict(), opt_tensors)
+            for name, opt in trainer.optimizers.items()
+        }
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "world_size": acc.num_processes,
+            "streams": info,
+            "optimizers": opt_meta,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "imbalance": trainer.monitor.imbalance,
+        }
+        path = write_checkpoint(
+            trainer.run_dir / "checkpoints",
+            step,
+            trainer.model.state_dict(),
+            opt_tensors,
+            rng,
+            state,
+            keep=trainer.train_cfg["keep_checkpoints"],
+        )
     acc.wait_for_everyone()
     return path
 
 
 def restore_training(trainer, checkpoint: Checkpoint) -> dict:
-    """Load optimizer, scaler and stream states (the weights are loaded before preparing); returns the start."""
+    """Load optimizer, scaler and stream states (the weights are loaded before preparing); returns the
+    start."""
     acc, state = trainer.accelerator, checkpoint.state
     if state.get("world_size", 1) != acc.num_processes:
-        acc.print(f"note: checkpoint was written by {state.get('world_size')} processes, resuming on "
-                  f"{acc.num_processes}; the noise streams restart per rank")
+        acc.print(
+            f"note: checkpoint was written by {state.get('world_size')} processes, resuming on "
+            f"{acc.num_processes}; the noise streams restart per rank"
+        )
     for name, opt in trainer.optimizers.items():
         if name not in state["optimizers"]:
             raise UserError(f"{checkpoint.path}: no optimizer state for phase {name!r}; the recipe changed")
@@ -274,6 +313,8 @@ def restore_training(trainer, checkpoint: Checkpoint) -> dict:
         trainer.noise.set_state(checkpoint.rng[key])
     trainer.batches.restore(state["streams"]["batches"], checkpoint.rng["batches"])
     if trainer.labelled_batches is not None and "labelled_batches" in checkpoint.rng:
-        trainer.labelled_batches.restore(state["streams"]["labelled_batches"], checkpoint.rng["labelled_batches"])
+        trainer.labelled_batches.restore(
+            state["streams"]["labelled_batches"], checkpoint.rng["labelled_batches"]
+        )
     trainer.monitor.imbalance.update(state.get("imbalance", {}))
     return {"step": int(state["step"]), "epoch": int(state["epoch"])}

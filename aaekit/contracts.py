@@ -18,7 +18,8 @@ from aaekit.params import Param
 
 
 def cache_dir() -> Path:
-    """Where aaekit and its plugins keep files they derive and can derive again (decoded datasets, the compiled
+    """Where aaekit and its plugins keep files they derive and can derive again (decoded datasets, the
+    compiled
     optimizer loop): ``$AAEKIT_CACHE_DIR``, else ``~/.cache/aaekit``."""
     return Path(os.environ.get("AAEKIT_CACHE_DIR") or Path.home() / ".cache" / "aaekit")
 
@@ -64,8 +65,14 @@ class Prior(Component):
         """How many labelled components a prior with these params has (checked before building)."""
         return cls.num_components
 
-    def sample(self, n: int, labels: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

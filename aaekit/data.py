@@ -36,7 +36,7 @@ class ShuffledBatches:
         while k > 0:
             if self.position >= self.n:
                 self.start_pass()
-            chunk = self.perm[self.position:self.position + k]
+            chunk = self.perm[self.position : self.position + k]
             self.position += len(chunk)
             k -= len(chunk)
             parts.append(chunk)
@@ -107,11 +107,18 @@ def hold(data: ArrayData, device: torch.device, in_memory="auto", log=print, wha
     size = data.x.numel() * data.x.element_size()
     budget = memory_budget(device) if in_memory == "auto" else None
     resident = in_memory is True or (in_memory == "auto" and size <= budget)
-    why = ("data.in_memory = true" if in_memory is True else "data.in_memory = false" if in_memory is False
-           else f"auto: {size / 2**20:.1f} MiB {'within' if resident else 'over'} the budget "
-                f"{budget / 2**20:.0f} MiB")
-    log(f"data: {what} ({len(data)} x {tuple(data.x.shape[1:])} {str(data.x.dtype).removeprefix('torch.')}) "
-        f"{'held on ' + str(device) if resident else 'streamed from host memory/memory-mapped file'} ({why})")
+    why = (
+        "data.in_memory = true"
+        if in_memory is True
+        else "data.in_memory = false"
+        if in_memory is False
+        else f"auto: {size / 2**20:.1f} MiB {'within' if resident else 'over'} the budget "
+        f"{budget / 2**20:.0f} MiB"
+    )
+    log(
+        f"data: {what} ({len(data)} x {tuple(data.x.shape[1:])} {str(data.x.dtype).removeprefix('torch.')}) "
+        f"{'held on ' + str(device) if resident else 'streamed from host memory/memory-mapped file'} ({why})"
+    )
     return DeviceData(data, device) if resident else StreamingData(data, device)
 
 

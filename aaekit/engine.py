@@ -38,10 +38,20 @@ from aaekit.runs import model_record, refuse_lonely_process
 from aaekit.stopping import StopAtOnce, StopRequests
 from aaekit.switches import TestSwitches
 
-# Recipe keys that may change when a run is resumed: extending it, checkpointing differently, or a CPU setting.
-RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.log_every", "train.pictures", "train.imbalance_warning_steps", "run.flush_denormals",
-                     "run.bf16_master_weights", "run.threads"}
+# Recipe keys that may change when a run is resumed: extending it, checkpointing differently, or a CPU
+# setting.
+RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.pictures",
+    "train.imbalance_warning_steps",
+    "run.flush_denormals",
+    "run.bf16_master_weights",
+    "run.threads",
+}
 
 
 @dataclass(frozen=True)
@@ -57,14 +67,25 @@ class StepSettings:
     @classmethod
     def of(cls, values: dict) -> StepSettings:
         codes = values["codes"]
-        return cls(values["train"]["batch_size"], values["encoder"]["input_noise"], values["decoder"]["loss"] == "bce",
-                   {c: code["discriminator"]["input_noise"] for c, code in codes.items()},
-                   {c: code["discriminator"]["weight"] for c, code in codes.items()})
+        return cls(
+            values["train"]["batch_size"],
+            values["encoder"]["input_noise"],
+            values["decoder"]["loss"] == "bce",
+            {c: code["discriminator"]["input_noise"] for c, code in codes.items()},
+            {c: code["discriminator"]["weight"] for c, code in codes.items()},
+        )
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, run_dir: Path, registry, *, log_with: str | None = None,
-                 accelerator: Accelerator | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        registry,
+        *,
+        log_with: str | None = None,
+        accelerator: Accelerator | None = None,
+    ):
         self.recipe, self.run_dir, self.registry = recipe, Path(run_dir), registry
         values = recipe.values
         self.train_cfg, self.seed = values["train"], values["run"]["seed"]
@@ -73,36 +94,48 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_optimizers()
-        self.monitor = Monitor(self.model.discriminators, self.train_cfg["imbalance_warning_steps"],
-                               self.accelerator.print)
+        self.monitor = Monitor(
+            self.model.discriminators, self.train_cfg["imbalance_warning_steps"], self.accelerator.print
+        )
         self.switches = TestSwitches.from_env()
         self.start = {"step": 0, "epoch": 0}
         self._last_good = None  # the newest checkpoint written or resumed from, named when a run stops
 
-    # ---- set-up, by concern ----------------------------------------------------------------------------------
+    # ---- set-up, by concern
+    # ----------------------------------------------------------------------------------
     def _setup_accelerator(self, accelerator: Accelerator | None, log_with: str | None) -> None:
         values = self.recipe.values
-        classifying = any(self.registry.get("head", h["name"]).cls.defines_classification_loss()
-                          for h in values["heads"].values())
-        # Phases that use only part of the encoder (a classification step ignores z) need DDP to look for unused
+        classifying = any(
+            self.registry.get("head", h["name"]).cls.defines_classification_loss()
+            for h in values["heads"].values()
+        )
+        # Phases that use only part of the encoder (a classification step ignores z) need DDP to look for
+        # unused
         # parameters; single-code models skip that cost.
         partial_phases = classifying or len(values["codes"]) > 1
         self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=values["run"]["mixed_precision"], log_with=log_with, project_dir=str(self.run_dir),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_phases)])
+            mixed_precision=values["run"]["mixed_precision"],
+            log_with=log_with,
+            project_dir=str(self.run_dir),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_phases)],
+        )
         refuse_lonely_process(acc.num_processes)
         batch = self.settings.batch_size
         if batch % acc.num_processes:
-            raise UserError(f"{self.recipe.path}: train.batch_size: {batch} does not split over "
-                            f"{acc.num_processes} processes; use a multiple of {acc.num_processes}")
+            raise UserError(
+                f"{self.recipe.path}: train.batch_size: {batch} does not split over "
+                f"{acc.num_processes} processes; use a multiple of {acc.num_processes}"
+            )
         self.device = acc.device
         if self.device.type == "cpu":
             keep_freed_memory()
             set_flush_denormals(values["run"]["flush_denormals"])
             if values["run"]["threads"]:
                 torch.set_num_threads(values["run"]["threads"])
-            acc.print(f"cpu: {torch.get_num_threads()} thread(s) per process (run.threads or OMP_NUM_THREADS sets "
-                      "it; while other work keeps the cores busy, fewer threads are often much faster)")
+            acc.print(
+                f"cpu: {torch.get_num_threads()} thread(s) per process (run.threads or OMP_NUM_THREADS sets "
+                "it; while other work keeps the cores busy, fewer threads are often much faster)"
+            )
 
     def _setup_data(self) -> None:
         """The splits held on the device; validation split and labelled subset drawn from the run seed."""
@@ -114,18 +147,25 @@ class Trainer:
         example_size = math.prod(full_train.x.shape[1:])
         if example_size != math.prod(dataset.input_shape):
             e = self.dataset_entry
-            raise UserError(f"data.name: dataset {e.name!r} from plugin {e.plugin} ({e.distribution}) loaded "
-                            f"examples of {example_size} values but declares input_shape "
-                            f"{tuple(dataset.input_shape)}; fix the plugin")
+            raise UserError(
+                f"data.name: dataset {e.name!r} from plugin {e.plugin} ({e.distribution}) loaded "
+                f"examples of {example_size} values but declares input_shape "
+                f"{tuple(dataset.input_shape)}; fix the plugin"
+            )
         if values["data"]["validation"] >= len(full_train):
-            raise UserError(f"{path}: data.validation: {values['data']['validation']} held out of a training "
-                            f"split of {len(full_train)} leaves nothing to train on; lower it")
+            raise UserError(
+                f"{path}: data.validation: {values['data']['validation']} held out of a training "
+                f"split of {len(full_train)} leaves nothing to train on; lower it"
+            )
         train, validation = split_off(full_train, values["data"]["validation"], self.seed + 1)
         self.num_classes = dataset.num_classes
         in_memory = values["data"]["in_memory"]
         self.train_data = hold(train, self.device, in_memory, acc.print)
-        self.validation_data = (hold(validation, self.device, in_memory, acc.print, "validation split")
-                                if len(validation) else None)
+        self.validation_data = (
+            hold(validation, self.device, in_memory, acc.print, "validation split")
+            if len(validation)
+            else None
+        )
         n_train, batch = len(self.train_data), self.settings.batch_size
         if n_train < batch:
             raise UserError(f"{path}: train.batch_size: {batch} is larger than the training set ({n_train})")
@@ -145,64 +185,86 @@ class Trainer:
         values = self.recipe.values
         self.model: AAE = build_model(self.recipe, self.registry, self.dataset.input_shape, self.num_classes)
         m = self.model
-        self.trainable_heads = {k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())}
+        self.trainable_heads = {
+            k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())
+        }
         self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
         if self.classifying_heads and len(self.labelled_index) == 0:
-            raise UserError(f"{self.recipe.path}: data.labelled: a classification head needs labelled examples")
+            raise UserError(
+                f"{self.recipe.path}: data.labelled: a classification head needs labelled examples"
+            )
         self.model_record = model_record(values, self.registry, self.dataset, self.dataset_entry)
         self.master_weights = None
         if uses_master_weights(values, self.device):
-            self.master_weights = MasterWeights(m, [m.encoder, m.decoder, *m.discriminators.values(),
-                                                    *self.trainable_heads.values()])
+            self.master_weights = MasterWeights(
+                m, [m.encoder, m.decoder, *m.discriminators.values(), *self.trainable_heads.values()]
+            )
 
     def _setup_optimizers(self) -> None:
         masters = self.master_weights
-        self.optimizers = phase_optimizers(self.recipe.values, self.model, self.trainable_heads,
-                                           bool(self.classifying_heads), self.device, masters)
+        self.optimizers = phase_optimizers(
+            self.recipe.values,
+            self.model,
+            self.trainable_heads,
+            bool(self.classifying_heads),
+            self.device,
+            masters,
+        )
         if masters is not None:
             missing = compiled_kernel()[1]
             self.accelerator.print(
                 f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters; the optimizers update "
-                + (f"them with torch operations ({missing})" if missing else "them with the compiled loops"))
+                + (f"them with torch operations ({missing})" if missing else "them with the compiled loops")
+            )
 
     def prepare(self, checkpoint: ckpt.Checkpoint | None) -> None:
-        """Check the components, wrap everything with Accelerate, seed the streams, and restore a checkpoint."""
+        """Check the components, wrap everything with Accelerate, seed the streams, and restore a
+        checkpoint."""
         acc, m = self.accelerator, self.model
         if checkpoint is not None:
             missing = set(m.state_dict()) ^ set(checkpoint.model)
             if missing:
-                raise UserError(f"{checkpoint.path}: model weights do not match this recipe "
-                                f"(differing keys: {sorted(missing)[:5]}...)")
+                raise UserError(
+                    f"{checkpoint.path}: model weights do not match this recipe "
+                    f"(differing keys: {sorted(missing)[:5]}...)"
+                )
             m.load_state_dict(checkpoint.model)
         probe = self.train_data.inputs(torch.arange(min(4, len(self.train_data))).to(self.device))
         check_component_outputs(m, probe, self.model_record["components"], acc.autocast)
         codes, heads, opt_names = list(m.discriminators), list(self.trainable_heads), list(self.optimizers)
         modules = [m.encoder, m.decoder, *(m.discriminators[c] for c in codes), *(m.heads[k] for k in heads)]
         prepared = acc.prepare(*modules, *(self.optimizers[o] for o in opt_names))
-        wrapped, optimizers = prepared[:len(modules)], prepared[len(modules):]
+        wrapped, optimizers = prepared[: len(modules)], prepared[len(modules) :]
         self.encoder, self.decoder = wrapped[0], wrapped[1]
-        self.discriminators = dict(zip(codes, wrapped[2:2 + len(codes)]))
-        self.heads = {**m.heads, **dict(zip(heads, wrapped[2 + len(codes):]))}
-        if self.master_weights is not None:  # bf16 gradients: the ranks' mean is taken in fp32 and rounded once
+        self.discriminators = dict(zip(codes, wrapped[2 : 2 + len(codes)]))
+        self.heads = {**m.heads, **dict(zip(heads, wrapped[2 + len(codes) :]))}
+        if (
+            self.master_weights is not None
+        ):  # bf16 gradients: the ranks' mean is taken in fp32 and rounded once
             ddp = [w for w in wrapped if isinstance(w, torch.nn.parallel.DistributedDataParallel)]
             for module in ddp:
                 module.register_comm_hook(None, mean_gradients_in_fp32)
             if ddp:
                 acc.print(f"bf16: {len(ddp)} modules average the ranks' bf16 gradients in fp32")
         self.optimizers = {name: hot_path(opt, acc) for name, opt in zip(opt_names, optimizers)}
-        self.opt_reconstruction, self.opt_generator = self.optimizers["reconstruction"], self.optimizers["generator"]
+        self.opt_reconstruction, self.opt_generator = (
+            self.optimizers["reconstruction"],
+            self.optimizers["generator"],
+        )
         self.opt_discriminators = {c: self.optimizers[f"discriminator.{c}"] for c in codes}
         self.opt_classification = self.optimizers.get("classification")
         # Batch order is shared by all ranks (each takes its slice); noise differs per rank.
         self.batches = ShuffledBatches(len(self.train_data), self.seed)
-        self.labelled_batches = (ShuffledBatches(len(self.labelled_index), self.seed + 3)
-                                 if len(self.labelled_index) else None)
+        self.labelled_batches = (
+            ShuffledBatches(len(self.labelled_index), self.seed + 3) if len(self.labelled_index) else None
+        )
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 7 + acc.process_index)
         if checkpoint is not None:
             self.start = ckpt.restore_training(self, checkpoint)
             self._last_good = str(checkpoint.path)
 
-    # ---- the three phases of the paper's schedule --------------------------------------------------------------
+    # ---- the three phases of the paper's schedule
+    # --------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> dict:
         if self.settings.input_noise > 0:
             x = x + self.settings.input_noise * torch.randn(x.shape, generator=self.noise, device=x.device)
@@ -212,8 +274,11 @@ class Trainer:
         """Update encoder + decoder to reconstruct x (and heads, with their penalties)."""
         self.opt_reconstruction.zero_grad(set_to_none=True)
         logits = self.decoder(self.model.decoder_input(self.encode(x), labels, self.heads)).float()
-        loss = (F.binary_cross_entropy_with_logits(logits, x) if self.settings.bce
-                else F.mse_loss(self.model.to_data_space(logits), x))
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, x)
+            if self.settings.bce
+            else F.mse_loss(self.model.to_data_space(logits), x)
+        )
         out = {"loss/reconstruction": loss.detach()}
         for key, head in self.model.heads.items():
             penalty = head.reconstruction_penalty()
@@ -227,13 +292,19 @@ class Trainer:
     def regularization_phase(self, x: torch.Tensor, disc_labels: torch.Tensor) -> dict:
         """For each code: a discriminator step; then one generator step for the encoder over all codes."""
         out = {}
-        codes = self.encode(x)  # the encoder is not changed by discriminator steps, so one forward serves both
+        codes = self.encode(
+            x
+        )  # the encoder is not changed by discriminator steps, so one forward serves both
         for name, discriminator in self.discriminators.items():
             opt = self.opt_discriminators[name]
             opt.zero_grad(set_to_none=True)
             real, fake = self.prior_samples(name, disc_labels), codes[name].detach()
-            logits = self.discriminate(name, discriminator, torch.cat([real, fake.to(real.dtype)]),
-                                       torch.cat([disc_labels, disc_labels]))  # one call for both sides
+            logits = self.discriminate(
+                name,
+                discriminator,
+                torch.cat([real, fake.to(real.dtype)]),
+                torch.cat([disc_labels, disc_labels]),
+            )  # one call for both sides
             n = real.shape[0]
             target = torch.cat([torch.ones(n, device=self.device), torch.zeros(n, device=self.device)])
             loss = F.binary_cross_entropy_with_logits(logits, target)
@@ -278,7 +349,8 @@ class Trainer:
             metrics.update(self.classification_phase())
         return metrics
 
-    # ---- what the phases share -------------------------------------------------------------------------------
+    # ---- what the phases share
+    # -------------------------------------------------------------------------------
     def prior_samples(self, code: str, disc_labels: torch.Tensor) -> torch.Tensor:
         """Samples of the code's prior; with labels, labelled rows come from their own component."""
         prior, n = self.model.priors[code], disc_labels.shape[0]
@@ -289,12 +361,20 @@ class Trainer:
                 components = torch.where(disc_labels >= 0, disc_labels, components)
         return prior.sample(n, components, generator=self.noise, device=self.device)
 
-    def discriminate(self, name: str, discriminator, values: torch.Tensor, disc_labels: torch.Tensor) -> torch.Tensor:
-        """The discriminator's logits for code values (prior samples or codes); instance noise first, where set."""
+    def discriminate(
+        self, name: str, discriminator, values: torch.Tensor, disc_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The discriminator's logits for code values (prior samples or codes); instance noise first, where
+        set."""
         std = self.settings.instance_noise[name]
-        if std > 0:  # blurs both sides alike, so exact prior samples (one-hots) cannot be told from codes by form alone
-            values = values + std * torch.randn(values.shape, generator=self.noise, device=values.device,
-                                                dtype=values.dtype)
+        if (
+            std > 0
+            # blurs both sides alike, so exact prior samples (one-hots) cannot be told from codes by form
+            # alone
+        ):
+            values = values + std * torch.randn(
+                values.shape, generator=self.noise, device=values.device, dtype=values.dtype
+            )
         return discriminator(self.model.discriminator_input(name, values, disc_labels)).float().flatten()
 
     @contextmanager
@@ -311,9 +391,10 @@ class Trainer:
 
     def rank_slice(self, global_index: torch.Tensor) -> torch.Tensor:
         b, r = global_index.shape[0] // self.accelerator.num_processes, self.accelerator.process_index
-        return global_index[r * b:(r + 1) * b]
+        return global_index[r * b : (r + 1) * b]
 
-    # ---- the loop ----------------------------------------------------------------------------------------------
+    # ---- the loop
+    # ----------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to the recipe's end; returns the last logged metrics."""
         from aaekit.progress import Progress  # rich, kept out of the CLI's import time
@@ -345,7 +426,9 @@ class Trainer:
                     at_end = step == total_steps
                     checkpoint_due = cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0
                     if step % cfg["log_every"] == 0 or epoch_done or at_end or checkpoint_due:
-                        last = self.log(sums, window_steps, time.perf_counter() - window_start, step, epoch, epoch_done)
+                        last = self.log(
+                            sums, window_steps, time.perf_counter() - window_start, step, epoch, epoch_done
+                        )
                         progress.update(step, epoch, last)
                         sums, window_steps, window_start = {}, 0, time.perf_counter()
                         if not at_end and self.stop_agreed(stop.requested is not None):
@@ -360,7 +443,8 @@ class Trainer:
         return last
 
     def stop_agreed(self, requested: bool) -> bool:
-        """Whether any rank was asked to stop: ranks must stop at the same step (the checkpoint is a collective)."""
+        """Whether any rank was asked to stop: ranks must stop at the same step (the checkpoint is a
+        collective)."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return requested
@@ -378,11 +462,17 @@ class Trainer:
         acc = self.accelerator
         names = sorted(sums)
         means = torch.stack([sums[k].float() for k in names]) / max(steps, 1)
-        values = dict(zip(names, (acc.reduce(means, reduction="mean") if acc.num_processes > 1 else means).tolist()))
+        values = dict(
+            zip(names, (acc.reduce(means, reduction="mean") if acc.num_processes > 1 else means).tolist())
+        )
         self.monitor.check(values, steps, step, self._last_good)
-        record = {"step": step, "epoch": epoch, **values,
-                  "samples_per_s": steps * self.train_cfg["batch_size"] / max(elapsed, 1e-9),
-                  "lr/reconstruction": self.opt_reconstruction.param_groups[0]["lr"]}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            **values,
+            "samples_per_s": steps * self.train_cfg["batch_size"] / max(elapsed, 1e-9),
+            "lr/reconstruction": self.opt_reconstruction.param_groups[0]["lr"],
+        }
         if epoch_done:
             record.update(self.evaluate_epoch())
         if acc.is_main_process:
@@ -400,12 +490,15 @@ class Trainer:
         self.share_buffers()
         from aaekit.evaluation.validation import evaluate_split
 
-        return {f"validation/{k}": v for k, v in
-                evaluate_split(self.model, self.validation_data, self.accelerator).items()}
+        return {
+            f"validation/{k}": v
+            for k, v in evaluate_split(self.model, self.validation_data, self.accelerator).items()
+        }
 
     @torch.no_grad()
     def share_buffers(self) -> None:
-        """Give every rank rank 0's buffers (batch-norm running statistics). Each rank updates them from its own
+        """Give every rank rank 0's buffers (batch-norm running statistics). Each rank updates them from its
+        own
         slice of the batch, so without this the ranks would evaluate and save different models. (SyncBatchNorm
         would keep them equal, but torch runs it on GPUs only.)"""
         if self.accelerator.num_processes > 1:
@@ -419,10 +512,12 @@ class Trainer:
         try:
             path = ckpt.save_training(self, step, epoch)
         except OSError as exc:
-            raise TrainingStopped(f"cannot write the checkpoint of step {step} under {self.run_dir / 'checkpoints'} "
-                                  f"({exc.strerror or exc}); stopped. The last good checkpoint is kept: "
-                                  f"{self._last_good or 'none yet'}. Free space or fix the folder, then resume.",
-                                  exit_code=4) from None
+            raise TrainingStopped(
+                f"cannot write the checkpoint of step {step} under {self.run_dir / 'checkpoints'} "
+                f"({exc.strerror or exc}); stopped. The last good checkpoint is kept: "
+                f"{self._last_good or 'none yet'}. Free space or fix the folder, then resume.",
+                exit_code=4,
+            ) from None
         self._last_good = str(path) if path is not None else self._last_good
 
     def finish(self) -> None:

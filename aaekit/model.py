@@ -13,7 +13,8 @@ from aaekit.contracts import CodeSpec, Head, Posterior, Prior
 
 
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU, batch_norm: bool = False) -> nn.Sequential:
-    """Linear layers of the given sizes with ``activation`` between them (none after the last), each hidden layer
+    """Linear layers of the given sizes with ``activation`` between them (none after the last), each hidden
+    layer
     batch-normalised before its activation when ``batch_norm``."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -35,10 +36,21 @@ class AAE(nn.Module):
     """All trainable parts, as children named the way ``model.safetensors`` keys are prefixed:
     ``encoder.``, ``decoder.``, ``discriminators.<code>.``, ``heads.<key>.``."""
 
-    def __init__(self, *, encoder: Posterior, decoder: nn.Module, discriminators: dict[str, nn.Module],
-                 heads: dict[str, Head], priors: dict[str, Prior], codes: list[CodeSpec],
-                 label_conditioned: dict[str, bool], input_shape: tuple[int, ...], num_classes: int | None,
-                 output: str, label_input: bool):
+    def __init__(
+        self,
+        *,
+        encoder: Posterior,
+        decoder: nn.Module,
+        discriminators: dict[str, nn.Module],
+        heads: dict[str, Head],
+        priors: dict[str, Prior],
+        codes: list[CodeSpec],
+        label_conditioned: dict[str, bool],
+        input_shape: tuple[int, ...],
+        num_classes: int | None,
+        output: str,
+        label_input: bool,
+    ):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -56,7 +68,9 @@ class AAE(nn.Module):
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
 
-    def decoder_input(self, codes: dict, labels: torch.Tensor | None, heads: dict | None = None) -> torch.Tensor:
+    def decoder_input(
+        self, codes: dict, labels: torch.Tensor | None, heads: dict | None = None
+    ) -> torch.Tensor:
         """The decoder's input: what a head builds (e.g. W_c·y + z), else every code concatenated, plus
         the one-hot label where the recipe feeds it (§4). ``heads`` may be the prepared (wrapped) heads."""
         for head in (heads if heads is not None else self.heads).values():
@@ -72,7 +86,9 @@ class AAE(nn.Module):
         return torch.sigmoid(logits) if self.output == "sigmoid" else logits
 
     @torch.no_grad()
-    def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Decode prior samples into data space; ``labels`` pick the component (and the decoder's label
         input where it has one) per row."""
         codes, decoder_labels = self.prior_codes(n, labels, generator)
@@ -80,8 +96,9 @@ class AAE(nn.Module):
         return self.to_data_space(logits).reshape(n, *self.input_shape)
 
     @torch.no_grad()
-    def prior_codes(self, n: int, labels: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor | None]:
+    def prior_codes(
+        self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[dict, torch.Tensor | None]:
         """``n`` draws of every code's prior, and the labels the decoder takes with them (or None)."""
         device = next(self.decoder.parameters()).device
         if labels is not None:
@@ -96,11 +113,20 @@ class AAE(nn.Module):
                 else:
                     components = torch.randint(prior.num_components, (n,), generator=generator, device=device)
             codes[spec.name] = prior.sample(n, components, generator=generator, device=device)
-        decoder_labels = labels if labels is not None else (
-            torch.randint(self.num_classes, (n,), generator=generator, device=device) if self.label_input else None)
+        decoder_labels = (
+            labels
+            if labels is not None
+            else (
+                torch.randint(self.num_classes, (n,), generator=generator, device=device)
+                if self.label_input
+                else None
+            )
+        )
         return codes, decoder_labels
 
-    def discriminator_input(self, code_name: str, values: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def discriminator_input(
+        self, code_name: str, values: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
         if not self.label_conditioned.get(code_name):
             return values
         return torch.cat([values, one_hot_with_unlabelled(labels, self.num_classes).to(values.dtype)], dim=1)
@@ -116,9 +142,13 @@ def build_model(recipe, registry, input_shape: tuple[int, ...], num_classes: int
 
     enc = values["encoder"]
     posterior_cls = registry.get("posterior", enc["name"]).cls
-    encoder = posterior_cls(input_dim=input_dim, codes=codes, hidden=list(enc["hidden"]),
-                            input_noise=enc["input_noise"],
-                            **params_of(enc, ("name", "hidden", "input_noise")))
+    encoder = posterior_cls(
+        input_dim=input_dim,
+        codes=codes,
+        hidden=list(enc["hidden"]),
+        input_noise=enc["input_noise"],
+        **params_of(enc, ("name", "hidden", "input_noise")),
+    )
 
     priors, discriminators, conditioned = {}, {}, {}
     for spec in codes:
@@ -140,23 +170,36 @@ def build_model(recipe, registry, input_shape: tuple[int, ...], num_classes: int
     if decoder_in is None:
         decoder_in = sum(s.dim for s in codes) + (num_classes if dec["label_input"] else 0)
     decoder = mlp([decoder_in, *dec["hidden"], input_dim])
-    return AAE(encoder=encoder, decoder=decoder, discriminators=discriminators, heads=heads, priors=priors,
-               codes=codes, label_conditioned=conditioned, input_shape=input_shape, num_classes=num_classes,
-               output=dec["output"], label_input=dec["label_input"])
+    return AAE(
+        encoder=encoder,
+        decoder=decoder,
+        discriminators=discriminators,
+        heads=heads,
+        priors=priors,
+        codes=codes,
+        label_conditioned=conditioned,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        output=dec["output"],
+        label_input=dec["label_input"],
+    )
 
 
 @torch.no_grad()
 def check_component_outputs(model: AAE, x: torch.Tensor, sources: dict, autocast) -> None:
-    """Run every component once on a few examples before training and check the shapes of what it returns, so a
+    """Run every component once on a few examples before training and check the shapes of what it returns, so
+    a
     plugin's mistake is named (plugin, component, expected and received) instead of surfacing as a traceback
     deep in a phase. In eval mode with its own generator: no batch-norm statistics or noise stream change."""
     from aaekit.errors import PluginError
 
     def blame(key: str, what: str, expected, got) -> PluginError:
         src = sources.get(key, {})
-        return PluginError(f"{key}: {src.get('kind', 'component')} {src.get('name', '?')!r} from plugin "
-                           f"{src.get('plugin', '?')} ({src.get('distribution', '?')}) returned {what} of shape "
-                           f"{got}, expected {expected}; fix the plugin")
+        return PluginError(
+            f"{key}: {src.get('kind', 'component')} {src.get('name', '?')!r} from plugin "
+            f"{src.get('plugin', '?')} ({src.get('distribution', '?')}) returned {what} of shape "
+            f"{got}, expected {expected}; fix the plugin"
+        )
 
     n, device = x.shape[0], x.device
     generator = torch.Generator(device=device).manual_seed(0)
@@ -165,8 +208,11 @@ def check_component_outputs(model: AAE, x: torch.Tensor, sources: dict, autocast
     try:
         for spec in model.codes:
             prior = model.priors[spec.name]
-            components = (torch.randint(prior.num_components, (n,), generator=generator, device=device)
-                          if prior.num_components else None)
+            components = (
+                torch.randint(prior.num_components, (n,), generator=generator, device=device)
+                if prior.num_components
+                else None
+            )
             got = prior.sample(n, components, generator=generator, device=device)
             if not isinstance(got, torch.Tensor) or tuple(got.shape) != (n, spec.dim):
                 shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__

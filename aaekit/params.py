@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 REQUIRED = object()
 
@@ -79,7 +80,9 @@ class Param:
     def _bounds(self, v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return None
-        if isinstance(v, float) and not math.isfinite(v):  # nan passes every comparison, inf every lower bound
+        if isinstance(v, float) and not math.isfinite(
+            v
+        ):  # nan passes every comparison, inf every lower bound
             return f"expected a finite number ({self.describe()}), got {_show(v)}"
         if (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
             return f"expected {self.describe()}, got {_show(v)}"
@@ -145,7 +148,9 @@ class ParamSet:
         for key, param in self.params.items():
             if key not in values:
                 if param.required:
-                    problems.append(f"{where}{key}: missing; expected {param.describe()}. {param.help}".rstrip())
+                    problems.append(
+                        f"{where}{key}: missing; expected {param.describe()}. {param.help}".rstrip()
+                    )
                 else:
                     resolved[key] = param.default
         return resolved, problems

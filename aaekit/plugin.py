@@ -15,5 +15,17 @@ from aaekit.hookspecs import hookimpl
 from aaekit.model import mlp
 from aaekit.params import Param
 
-__all__ = ["ArrayData", "CodeSpec", "Dataset", "Head", "Param", "PluginError", "Posterior", "Prior", "UserError",
-           "cache_dir", "hookimpl", "mlp"]
+__all__ = [
+    "ArrayData",
+    "CodeSpec",
+    "Dataset",
+    "Head",
+    "Param",
+    "PluginError",
+    "Posterior",
+    "Prior",
+    "UserError",
+    "cache_dir",
+    "hookimpl",
+    "mlp",
+]

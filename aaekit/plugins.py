@@ -67,7 +67,9 @@ class Registry:
 
     def unknown(self, kind: str, name: str) -> str:
         names = sorted(self.components[kind])
-        message = f"unknown {kind} {name!r}{did_you_mean(name, names)}; available: {', '.join(names) or 'none'}"
+        message = (
+            f"unknown {kind} {name!r}{did_you_mean(name, names)}; available: {', '.join(names) or 'none'}"
+        )
         if self.broken:  # the component may be one of theirs: say which plugin broke and why
             causes = "; ".join(f"{b.plugin} ({b.distribution}): {b.error}" for b in self.broken)
             message += f". A plugin failed to load and may provide it: {causes}; fix or reinstall it"

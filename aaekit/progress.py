@@ -29,8 +29,12 @@ class Progress:
         self.start_step, self.start_time = start, time.perf_counter()
         if enabled and self.terminal:
             self.bar = RichProgress(
-                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[losses]}"), TimeRemainingColumn(), transient=False,
+                TextColumn("[bold]epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[losses]}"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self.task = self.bar.add_task("train", total=total, completed=start, epoch=0, losses="")
 
@@ -52,4 +56,6 @@ class Progress:
         elapsed = time.perf_counter() - self.start_time
         done = step - self.start_step
         left = elapsed / done * (self.total - step) if done > 0 else 0.0
-        print(f"step {step}/{self.total}  epoch {epoch}  {loss_text(record)}  {duration(left)} left", flush=True)
+        print(
+            f"step {step}/{self.total}  epoch {epoch}  {loss_text(record)}  {duration(left)} left", flush=True
+        )

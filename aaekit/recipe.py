@@ -20,31 +20,55 @@ PHASES = ("reconstruction", "discriminator", "generator", "classification")
 # keys their component declares.
 CORE: dict[str, dict[str, Param]] = {
     "run": {
-        "name": Param(str, "", check=lambda v: name_problem(v),
-                      help="run directory name under runs/ (a plain folder name, no path); defaults to the "
-                           "recipe's stem"),
+        "name": Param(
+            str,
+            "",
+            check=lambda v: name_problem(v),
+            help="run directory name under runs/ (a plain folder name, no path); defaults to the "
+            "recipe's stem",
+        ),
         "seed": Param(int, 0, min=0),
-        "threads": Param(int, 0, min=0, help="CPU threads for torch's operators (0: torch's default, one per core). "
-                         "When other work keeps the cores busy, fewer threads can be many times faster"),
+        "threads": Param(
+            int,
+            0,
+            min=0,
+            help="CPU threads for torch's operators (0: torch's default, one per core). "
+            "When other work keeps the cores busy, fewer threads can be many times faster",
+        ),
         "mixed_precision": Param(str, "no", choices=("no", "bf16", "fp16")),
-        "flush_denormals": Param(bool, True, help="on a CPU, round numbers below ~1e-38 to zero on every compute "
-                                 "thread (denormals put the CPU on a slow path: 10-40 % of a step once Adam's "
-                                 "state holds them); false keeps strict IEEE arithmetic"),
-        "bf16_master_weights": Param(bool, True, help="with mixed_precision = \"bf16\" on a CPU: layers hold bf16 "
-                                     "weights and the optimizers (Adam, AdamW, SGD) update fp32 masters, writing the "
-                                     "bf16 copy in the same pass (autocast's numbers without its per-step casts); "
-                                     "false: plain autocast"),
+        "flush_denormals": Param(
+            bool,
+            True,
+            help="on a CPU, round numbers below ~1e-38 to zero on every compute "
+            "thread (denormals put the CPU on a slow path: 10-40 % of a step once Adam's "
+            "state holds them); false keeps strict IEEE arithmetic",
+        ),
+        "bf16_master_weights": Param(
+            bool,
+            True,
+            help='with mixed_precision = "bf16" on a CPU: layers hold bf16 '
+            "weights and the optimizers (Adam, AdamW, SGD) update fp32 masters, writing the "
+            "bf16 copy in the same pass (autocast's numbers without its per-step casts); "
+            "false: plain autocast",
+        ),
     },
     "data": {
         "name": Param(str, help='the dataset plugin, e.g. name = "mnist"'),
         "labelled": Param(
-            (int, float, str), "all", check=lambda v: labelled_problem(v),
-            help='"all", a count of labelled training images, or a fraction in (0, 1]; the rest are unlabelled',
+            (int, float, str),
+            "all",
+            check=lambda v: labelled_problem(v),
+            help='"all", a count of labelled training images, or a fraction in (0, 1]; the rest are '
+            "unlabelled",
         ),
         "validation": Param(int, 0, min=0, help="training images held out for per-epoch validation"),
-        "in_memory": Param((bool, str), "auto", check=lambda v: in_memory_problem(v),
-                           help='"auto": hold the training split on the device when it fits in half the free '
-                                "memory, else stream it; true/false force one way"),
+        "in_memory": Param(
+            (bool, str),
+            "auto",
+            check=lambda v: in_memory_problem(v),
+            help='"auto": hold the training split on the device when it fits in half the free '
+            "memory, else stream it; true/false force one way",
+        ),
     },
     "encoder": {
         "name": Param(str, help='the posterior plugin: "deterministic", "gaussian" or "universal"'),
@@ -65,10 +89,20 @@ CORE: dict[str, dict[str, Param]] = {
         "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1),
         "label_conditioned": Param(bool, False, help="discriminator also sees the one-hot label (§2.3)"),
         "weight": Param(float, 1.0, min=0, help="weight of this code's generator loss"),
-        "lr_scale": Param(float, 1.0, min=0, help="this discriminator's learning rate as a multiple of "
-                          "optim.discriminator.lr (one code's game can be slowed without the others)"),
-        "input_noise": Param(float, 0.0, min=0, help="std of Gaussian noise added to everything the discriminator "
-                             "sees, prior samples and codes alike (keeps it from winning on exact one-hots)"),
+        "lr_scale": Param(
+            float,
+            1.0,
+            min=0,
+            help="this discriminator's learning rate as a multiple of "
+            "optim.discriminator.lr (one code's game can be slowed without the others)",
+        ),
+        "input_noise": Param(
+            float,
+            0.0,
+            min=0,
+            help="std of Gaussian noise added to everything the discriminator "
+            "sees, prior samples and codes alike (keeps it from winning on exact one-hots)",
+        ),
     },
     "optim": {
         "name": Param(str, "adam", choices=("adam", "adamw", "sgd")),
@@ -83,9 +117,13 @@ CORE: dict[str, dict[str, Param]] = {
         "max_steps": Param(int, 0, min=0, help="stop after this many steps (0: no cap)"),
         "batch_size": Param(int, 100, min=1),
         "checkpoint_every": Param(int, 1000, min=0, help="steps between checkpoints (0: only at the end)"),
-        "keep_checkpoints": Param(int, 3, min=1, help="newest checkpoints kept on disk; older ones are removed"),
+        "keep_checkpoints": Param(
+            int, 3, min=1, help="newest checkpoints kept on disk; older ones are removed"
+        ),
         "log_every": Param(int, 50, min=1, help="steps between metric lines"),
-        "lr_milestones": Param(list, [], item=int, min=1, help="epochs at which every learning rate is scaled"),
+        "lr_milestones": Param(
+            list, [], item=int, min=1, help="epochs at which every learning rate is scaled"
+        ),
         "lr_gamma": Param(float, 0.1, min=0),
         "pictures": Param(bool, True, help="write samples.png, reconstructions.png, latent.png"),
         "imbalance_warning_steps": Param(
@@ -178,7 +216,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, registry=N
 
 
 def blame(problem: str, path: Path, overrides: list[str]) -> str:
-    """Name where a problem's key came from: the command line's KEY=VALUE when an override set it, else the file."""
+    """Name where a problem's key came from: the command line's KEY=VALUE when an override set it, else the
+    file."""
     key = problem.split(":", 1)[0]
     for item in overrides:
         if item.split("=", 1)[0].strip() == key:
@@ -227,7 +266,9 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
     out: dict = {}
     for key in raw:
         if key not in TOP_LEVEL:
-            problems.append(f"{key}: unknown table{did_you_mean(key, TOP_LEVEL)}; known tables: {', '.join(TOP_LEVEL)}")
+            problems.append(
+                f"{key}: unknown table{did_you_mean(key, TOP_LEVEL)}; known tables: {', '.join(TOP_LEVEL)}"
+            )
 
     run, p = ParamSet(CORE["run"]).check(_table(raw, "run", "", problems), "run.")
     problems += p
@@ -236,8 +277,9 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
         problems.append(f"run.name: {name_problem(run['name'])}")
     out["run"] = run
 
-    data_entry, data = _component(registry, "dataset", _table(raw, "data", "", problems, True),
-                                  CORE["data"], "data.", problems)
+    data_entry, data = _component(
+        registry, "dataset", _table(raw, "data", "", problems, True), CORE["data"], "data.", problems
+    )
     out["data"] = data
     try:
         num_classes = data_entry.cls.classes(data) if data_entry else None
@@ -245,25 +287,39 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
         problems.append(str(exc))
         data_entry, num_classes = None, None
 
-    enc_entry, encoder = _component(registry, "posterior", _table(raw, "encoder", "", problems, True),
-                                    CORE["encoder"], "encoder.", problems)
+    enc_entry, encoder = _component(
+        registry,
+        "posterior",
+        _table(raw, "encoder", "", problems, True),
+        CORE["encoder"],
+        "encoder.",
+        problems,
+    )
     out["encoder"] = encoder
 
     decoder, p = ParamSet(CORE["decoder"]).check(_table(raw, "decoder", "", problems), "decoder.")
     problems += p
     out["decoder"] = decoder
-    problems += decoder_matches_data(decoder, data_entry.cls.range_of(data) if data_entry else None,
-                                     data.get("name"))
+    problems += decoder_matches_data(
+        decoder, data_entry.cls.range_of(data) if data_entry else None, data.get("name")
+    )
     if decoder.get("label_input") and data_entry and not num_classes:
-        problems.append(f"decoder.label_input: dataset {data['name']!r} has no labels; set label_input = false")
+        problems.append(
+            f"decoder.label_input: dataset {data['name']!r} has no labels; set label_input = false"
+        )
     if decoder.get("label_input") and data.get("labelled", "all") not in ("all", 1.0):
-        # The decoder would be fed labels of images the recipe declares unlabelled (the §4 model needs them all).
-        problems.append(f"decoder.label_input: needs every training label, but data.labelled = "
-                        f"{data.get('labelled')!r}; set data.labelled = \"all\" or label_input = false")
+        # The decoder would be fed labels of images the recipe declares unlabelled (the §4 model needs them
+        # all).
+        problems.append(
+            f"decoder.label_input: needs every training label, but data.labelled = "
+            f'{data.get("labelled")!r}; set data.labelled = "all" or label_input = false'
+        )
 
     codes_raw = _table(raw, "codes", "", problems, True)
     if not codes_raw and "codes" in raw:
-        problems.append("codes: declare at least one code, e.g. [codes.z] dim = 8 with a [codes.z.prior] table")
+        problems.append(
+            "codes: declare at least one code, e.g. [codes.z] dim = 8 with a [codes.z.prior] table"
+        )
     out["codes"] = {}
     for code_name, code_raw in codes_raw.items():
         where = f"codes.{code_name}."
@@ -277,27 +333,36 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
         problems += p
         disc, p = ParamSet(CORE["discriminator"]).check(disc_raw, where + "discriminator.")
         problems += p
-        prior_entry, prior = _component(registry, "prior", prior_raw, {"name": Param(str)}, where + "prior.",
-                                        problems)
+        prior_entry, prior = _component(
+            registry, "prior", prior_raw, {"name": Param(str)}, where + "prior.", problems
+        )
         if prior_entry is not None and "dim" in code:
             context = {"dim": code["dim"], "kind": code.get("kind"), "num_classes": num_classes}
             problems += [f"{where}prior.{m}" for m in prior_entry.cls.check_recipe(prior, context)]
             components = prior_entry.cls.components(prior, code["dim"])
             if disc.get("label_conditioned") and data_entry is not None:
                 if not num_classes:
-                    problems.append(f"{where}discriminator.label_conditioned: dataset {data.get('name')!r} "
-                                    "has no labels; set label_conditioned = false")
+                    problems.append(
+                        f"{where}discriminator.label_conditioned: dataset {data.get('name')!r} "
+                        "has no labels; set label_conditioned = false"
+                    )
                 elif not components:
-                    problems.append(f"{where}discriminator.label_conditioned: prior {prior['name']!r} has no "
-                                    "components to match labels to; use a prior with components (e.g. gmm) "
-                                    "or set label_conditioned = false")
+                    problems.append(
+                        f"{where}discriminator.label_conditioned: prior {prior['name']!r} has no "
+                        "components to match labels to; use a prior with components (e.g. gmm) "
+                        "or set label_conditioned = false"
+                    )
                 elif components != num_classes:
-                    problems.append(f"{where}discriminator.label_conditioned: prior {prior['name']!r} has "
-                                    f"{components} components but dataset {data.get('name')!r} has "
-                                    f"{num_classes} classes; make them equal")
+                    problems.append(
+                        f"{where}discriminator.label_conditioned: prior {prior['name']!r} has "
+                        f"{components} components but dataset {data.get('name')!r} has "
+                        f"{num_classes} classes; make them equal"
+                    )
             if code.get("kind") == "categorical" and components != code["dim"]:
-                problems.append(f"{where}prior.name: a categorical code needs a prior with one component per "
-                                f"category ({code['dim']}), e.g. name = \"categorical\"")
+                problems.append(
+                    f"{where}prior.name: a categorical code needs a prior with one component per "
+                    f'category ({code["dim"]}), e.g. name = "categorical"'
+                )
         code["prior"] = prior
         code["discriminator"] = disc
         out["codes"][code_name] = code
@@ -311,20 +376,26 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
         if not isinstance(head_raw, dict):
             problems.append(f"heads.{head_key}: expected a table, got {head_raw!r}")
             continue
-        entry, head = _component(registry, "head", head_raw, {"name": Param(str)}, f"heads.{head_key}.", problems)
+        entry, head = _component(
+            registry, "head", head_raw, {"name": Param(str)}, f"heads.{head_key}.", problems
+        )
         if entry is not None:
             context = {"codes": out["codes"], "num_classes": num_classes, "decoder": decoder}
             problems += [f"heads.{head_key}.{m}" for m in entry.cls.check_recipe(head, context)]
             has_classification |= entry.cls.defines_classification_loss()
         out["heads"][head_key] = head
     if has_classification and not num_classes:
-        problems.append(f"heads: a classification head needs a labelled dataset; {data.get('name')!r} has none")
+        problems.append(
+            f"heads: a classification head needs a labelled dataset; {data.get('name')!r} has none"
+        )
 
     optim_raw = _table(raw, "optim", "", problems)
     out["optim"] = {}
     for phase in optim_raw:
         if phase not in PHASES:
-            problems.append(f"optim.{phase}: unknown phase{did_you_mean(phase, PHASES)}; phases: {', '.join(PHASES)}")
+            problems.append(
+                f"optim.{phase}: unknown phase{did_you_mean(phase, PHASES)}; phases: {', '.join(PHASES)}"
+            )
     for phase in PHASES:
         phase_raw = _table(optim_raw, phase, "optim.", problems)
         settings, p = ParamSet(CORE["optim"]).check(phase_raw, f"optim.{phase}.")
@@ -341,13 +412,15 @@ def name_problem(name: str) -> str | None:
     """A run name becomes runs/<name>: it must not climb out of runs/ or name a hidden or absolute path."""
     if not name or (not any(c in name for c in "/\\\0:") and not name.startswith(".")):
         return None
-    return (f"{name!r} is not a plain folder name (no '/', '\\', '..' or leading '.'); runs go under runs/, use "
-            "--output-dir to choose another folder")
+    return (
+        f"{name!r} is not a plain folder name (no '/', '\\', '..' or leading '.'); runs go under runs/, use "
+        "--output-dir to choose another folder"
+    )
 
 
 def labelled_problem(labelled) -> str | None:
     if isinstance(labelled, str) and labelled != "all":
-        return f"expected \"all\", a count or a fraction in (0, 1], got {labelled!r}"
+        return f'expected "all", a count or a fraction in (0, 1], got {labelled!r}'
     if isinstance(labelled, float) and not 0 < labelled <= 1:
         return f"a fraction must be in (0, 1], got {labelled}"
     if isinstance(labelled, int) and labelled < 0:
@@ -357,7 +430,7 @@ def labelled_problem(labelled) -> str | None:
 
 def in_memory_problem(value) -> str | None:
     if isinstance(value, str) and value != "auto":
-        return f"expected \"auto\", true or false, got {value!r}"
+        return f'expected "auto", true or false, got {value!r}'
     return None
 
 
@@ -366,8 +439,10 @@ def decoder_matches_data(decoder: dict, value_range, dataset: str) -> list[str]:
     problems = []
     output, loss = decoder.get("output"), decoder.get("loss")
     if output == "linear" and loss == "bce":
-        problems.append('decoder.loss: "bce" treats the decoder output as logits of values in [0, 1]; with '
-                        'output = "linear" use loss = "mse" (or output = "sigmoid")')
+        problems.append(
+            'decoder.loss: "bce" treats the decoder output as logits of values in [0, 1]; with '
+            'output = "linear" use loss = "mse" (or output = "sigmoid")'
+        )
     if value_range is None:
         return problems
     low, high = value_range
@@ -375,13 +450,16 @@ def decoder_matches_data(decoder: dict, value_range, dataset: str) -> list[str]:
         return problems
     shown = f"[{low:g}, {high:g}]"
     if output == "sigmoid":
-        problems.append(f'decoder.output: "sigmoid" gives values in (0, 1) but dataset {dataset!r} declares '
-                        f'values in {shown}; use output = "linear" with loss = "mse" (or scale the data to [0, 1])')
+        problems.append(
+            f'decoder.output: "sigmoid" gives values in (0, 1) but dataset {dataset!r} declares '
+            f'values in {shown}; use output = "linear" with loss = "mse" (or scale the data to [0, 1])'
+        )
     elif loss == "bce":
-        problems.append(f'decoder.loss: "bce" needs targets in [0, 1] but dataset {dataset!r} declares values in '
-                        f'{shown}; use loss = "mse"')
+        problems.append(
+            f'decoder.loss: "bce" needs targets in [0, 1] but dataset {dataset!r} declares values in '
+            f'{shown}; use loss = "mse"'
+        )
     return problems
-
 
 
 def dump_toml(values: dict) -> str:

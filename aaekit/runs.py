@@ -1,5 +1,7 @@
-"""A run's life: its folder (chosen so that no earlier run is ever overwritten), its record (the resolved recipe
-and what the model was built from), and training it on every rank of an ``accelerate launch``, resumed or not."""
+"""A run's life: its folder (chosen so that no earlier run is ever overwritten), its record (the resolved
+recipe
+and what the model was built from), and training it on every rank of an ``accelerate launch``, resumed or
+not."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import tomllib
 from aaekit.errors import RecipeError, TrainingStopped, UserError
 from aaekit.recipe import Recipe
 
-# A folder is a run once training has started: it then holds metrics, checkpoints or a finished model. A folder
+# A folder is a run once training has started: it then holds metrics, checkpoints or a finished model. A
+# folder
 # left by a run that failed before its first step (a recipe.toml at most) is free to be used again.
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "model.safetensors")
 MODEL_RECORD = "model.json"  # what the model was built from, so that loading a run never needs its data
@@ -33,13 +36,18 @@ def make_writable_dir(path: Path, option: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except FileExistsError:
-        raise UserError(f"{option} {path}: a file (not a folder) is in the way; choose another folder") from None
+        raise UserError(
+            f"{option} {path}: a file (not a folder) is in the way; choose another folder"
+        ) from None
     except NotADirectoryError:
-        raise UserError(f"{option} {path}: a part of this path is a file, not a folder; choose another "
-                        "folder") from None
+        raise UserError(
+            f"{option} {path}: a part of this path is a file, not a folder; choose another folder"
+        ) from None
     except OSError as exc:
-        raise UserError(f"{option} {path}: cannot be created or written ({exc.strerror}); choose a folder you can "
-                        "write to") from None
+        raise UserError(
+            f"{option} {path}: cannot be created or written ({exc.strerror}); choose a folder you can "
+            "write to"
+        ) from None
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -53,10 +61,13 @@ def model_record(values: dict, registry, dataset, dataset_entry) -> dict:
     """What the model was built from, kept in the run folder as model.json: a dataset may set its shape per
     instance (from its files), so loading the run must not depend on the dataset again."""
     value_range = getattr(dataset, "value_range", dataset_entry.cls.value_range)
-    return {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
-            "value_range": [float(v) if math.isfinite(v) else None for v in value_range],
-            "plugins_dirs": [str(Path(d).resolve()) for d in getattr(registry, "plugin_dirs", [])],
-            "components": component_sources(values, registry)}
+    return {
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "value_range": [float(v) if math.isfinite(v) else None for v in value_range],
+        "plugins_dirs": [str(Path(d).resolve()) for d in getattr(registry, "plugin_dirs", [])],
+        "components": component_sources(values, registry),
+    }
 
 
 def write_run_record(run_dir: Path, recipe: Recipe, model_record: dict) -> None:
@@ -75,14 +86,17 @@ def read_model_record(run_dir: Path) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
         shape = tuple(int(v) for v in record["input_shape"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: unreadable or damaged ({exc}); it records what the model was built from, so "
-                        "the run cannot be loaded without it; restore it from a backup") from None
+        raise UserError(
+            f"{path}: unreadable or damaged ({exc}); it records what the model was built from, so "
+            "the run cannot be loaded without it; restore it from a backup"
+        ) from None
     return {**record, "input_shape": shape}
 
 
 def trim_metrics(run_dir: Path, step: int) -> int:
     """On resuming from ``step``, the metric lines past it are trained again: move them to
-    metrics.replaced.jsonl (kept, never deleted) so that metrics.jsonl holds each step once. Returns how many."""
+    metrics.replaced.jsonl (kept, never deleted) so that metrics.jsonl holds each step once. Returns how
+    many."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
@@ -108,14 +122,18 @@ def choose_run_dir(recipe: Recipe, output_dir: str | None, resume: bool) -> Path
         if resume and not is_run(path):
             raise UserError(f"--resume: {path} holds no run to resume; run without --resume to start it")
         if not resume and is_run(path):
-            raise UserError(f"--output-dir {path}: already holds a run; pass --resume to continue it, "
-                            "or choose another --output-dir (nothing was overwritten)")
+            raise UserError(
+                f"--output-dir {path}: already holds a run; pass --resume to continue it, "
+                "or choose another --output-dir (nothing was overwritten)"
+            )
         return path
     base = Path("runs") / recipe.values["run"]["name"]
     if resume:
         if not is_run(base):
-            raise UserError(f"--resume: {base} holds no run to resume; run without --resume to start it "
-                            "(or give the run's folder with --output-dir)")
+            raise UserError(
+                f"--resume: {base} holds no run to resume; run without --resume to start it "
+                "(or give the run's folder with --output-dir)"
+            )
         return base
     path, n = base, 1
     while is_run(path):
@@ -142,15 +160,28 @@ def check_resumable(recipe: Recipe, run_dir: Path, allowed: set[str]) -> None:
     try:
         stored = tomllib.loads(stored_path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{stored_path}: missing or unreadable ({exc}); cannot check what is being resumed") from None
+        raise UserError(
+            f"{stored_path}: missing or unreadable ({exc}); cannot check what is being resumed"
+        ) from None
     changed = [k for k in differences(stored, recipe.values) if k not in allowed]
     if changed:
-        raise RecipeError([f"{recipe.path}: {k}: differs from the run being resumed ({stored_path}); "
-                           "resume with the same value or start a new run" for k in changed])
+        raise RecipeError(
+            [
+                f"{recipe.path}: {k}: differs from the run being resumed ({stored_path}); "
+                "resume with the same value or start a new run"
+                for k in changed
+            ]
+        )
 
 
-def train(recipe: Recipe, registry, *, output_dir: str | None = None, resume: bool = False,
-          log_with: str | None = None) -> Path | None:
+def train(
+    recipe: Recipe,
+    registry,
+    *,
+    output_dir: str | None = None,
+    resume: bool = False,
+    log_with: str | None = None,
+) -> Path | None:
     """From a validated recipe to a finished run directory; every rank calls it."""
     import torch
     from accelerate import PartialState
@@ -158,12 +189,15 @@ def train(recipe: Recipe, registry, *, output_dir: str | None = None, resume: bo
 
     from aaekit.engine import RESUMABLE_CHANGES
 
-    # A bare PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it), and once created it fixes
+    # A bare PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it), and once created it
+    # fixes
     # the process group, so CPU mode must be passed here or a 2-process CPU launch sees one process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     refuse_lonely_process(state.num_processes)  # before anything is written
-    # Every rank checks before any rank creates the directory; rank 0's choice (the -2, -3 suffix) and whether it
-    # could create and write the folder are then broadcast, so that all ranks agree (and all stop on a bad path).
+    # Every rank checks before any rank creates the directory; rank 0's choice (the -2, -3 suffix) and whether
+    # it
+    # could create and write the folder are then broadcast, so that all ranks agree (and all stop on a bad
+    # path).
     run_dir, problem = choose_run_dir(recipe, output_dir, resume), ""
     if state.is_main_process:
         try:
@@ -188,7 +222,9 @@ def train(recipe: Recipe, registry, *, output_dir: str | None = None, resume: bo
     return run_dir if state.is_main_process else None
 
 
-def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = False, log_with: str | None = None) -> dict:
+def run_training(
+    recipe: Recipe, run_dir: Path, registry, *, resume: bool = False, log_with: str | None = None
+) -> dict:
     """Train a recipe into ``run_dir`` (created by the caller); resume from its latest checkpoint if asked."""
     from aaekit import checkpoint as ckpt
     from aaekit.engine import Trainer
@@ -210,8 +246,10 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
             write_run_record(run_dir, recipe, trainer.model_record)
             replaced = trim_metrics(run_dir, trainer.start["step"]) if resume else 0
             if replaced:
-                acc.print(f"note: {replaced} metric line(s) past step {trainer.start['step']} are trained again; "
-                          "they were moved to metrics.replaced.jsonl")
+                acc.print(
+                    f"note: {replaced} metric line(s) past step {trainer.start['step']} are trained again; "
+                    "they were moved to metrics.replaced.jsonl"
+                )
         acc.wait_for_everyone()
         if log_with:
             acc.init_trackers(recipe.values["run"]["name"], config=_flat(recipe.values))
@@ -227,7 +265,11 @@ def run_training(recipe: Recipe, run_dir: Path, registry, *, resume: bool = Fals
         if acc.num_processes > 1:
             # The other ranks may be waiting in a collective this one will never join. Leaving at once (no
             # barrier, no atexit teardown) lets the launcher see the failure and stop them, instead of a hang.
-            print(f"rank {acc.process_index}: training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            print(
+                f"rank {acc.process_index}: training failed:\n{traceback.format_exc()}",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.stdout.flush()
             os._exit(1)
         raise
@@ -275,22 +317,32 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 def component_sources(values: dict, registry) -> dict:
     """Which plugin (distribution, version) provided each component the recipe names, by recipe key."""
-    named = {"data": ("dataset", values["data"]["name"]), "encoder": ("posterior", values["encoder"]["name"]),
-             **{f"codes.{c}.prior": ("prior", code["prior"]["name"]) for c, code in values["codes"].items()},
-             **{f"heads.{k}": ("head", h["name"]) for k, h in values["heads"].items()}}
+    named = {
+        "data": ("dataset", values["data"]["name"]),
+        "encoder": ("posterior", values["encoder"]["name"]),
+        **{f"codes.{c}.prior": ("prior", code["prior"]["name"]) for c, code in values["codes"].items()},
+        **{f"heads.{k}": ("head", h["name"]) for k, h in values["heads"].items()},
+    }
     out = {}
     for key, (kind, name) in named.items():
         entry = registry.get(kind, name)
-        out[key] = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
-                    "version": entry.version}
+        out[key] = {
+            "kind": kind,
+            "name": name,
+            "plugin": entry.plugin,
+            "distribution": entry.distribution,
+            "version": entry.version,
+        }
     return out
 
 
 def refuse_lonely_process(num_processes: int) -> None:
-    """Launched as several processes (WORLD_SIZE > 1) that Accelerate does not join: each would train alone."""
+    """Launched as several processes (WORLD_SIZE > 1) that Accelerate does not join: each would train
+    alone."""
     world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_env > 1 and num_processes == 1:
         raise UserError(
             f"WORLD_SIZE={world_env} but Accelerate sees a single process, so each process would train "
             "alone. On CPU use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
-            "--num_machines 1 -m aaekit run ...; on GPUs: accelerate launch --multi_gpu ...")
+            "--num_machines 1 -m aaekit run ...; on GPUs: accelerate launch --multi_gpu ..."
+        )

@@ -1,6 +1,7 @@
 """Stopping a run on request: Ctrl-C (SIGINT) and a scheduler's SIGTERM (preemption, a time limit).
 
-A request only asks: training goes on to the next log step (a step boundary where the ranks synchronise anyway),
+A request only asks: training goes on to the next log step (a step boundary where the ranks synchronise
+anyway),
 writes a checkpoint there and stops, so the checkpoint holds whole steps and whole metric windows and resuming
 stays exact. The same request again stops at once (the last periodic checkpoint remains)."""
 
@@ -45,20 +46,33 @@ class StopRequests:
             raise StopAtOnce(signum)
         self.requested = signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.say(f"{name}: going on to the next log step, then writing a checkpoint ({name} again to stop at once)",
-                 flush=True)
+        self.say(
+            f"{name}: going on to the next log step, then writing a checkpoint ({name} again to stop at "
+            f"once)",
+            flush=True,
+        )
 
     def stopped(self, step: int, run_dir) -> TrainingStopped:
-        """The error that ends a run stopped at ``step``: it names the checkpoint and the command that resumes."""
+        """The error that ends a run stopped at ``step``: it names the checkpoint and the command that
+        resumes."""
         signum = self.requested or signal.SIGINT  # a rank that got no signal stops with its peers
         return TrainingStopped(
             f"interrupted at step {step} ({signal.Signals(signum).name}); checkpoint written to "
             f"{run_dir / 'checkpoints'}; continue with: aaekit run {run_dir / 'recipe.toml'} --resume "
-            f"--output-dir {run_dir}", exit_code=128 + int(signum))
+            f"--output-dir {run_dir}",
+            exit_code=128 + int(signum),
+        )
 
     def stopped_at_once(self, signum: int, step: int, last_good: str | None, run_dir) -> TrainingStopped:
-        """The error that ends a run stopped mid-step by a second request: the last checkpoint is what remains."""
-        resume = (f"continue with: aaekit run {run_dir / 'recipe.toml'} --resume --output-dir {run_dir}"
-                  if last_good else "no checkpoint was written yet; start the run again")
-        return TrainingStopped(f"stopped at once during step {step + 1} ({signal.Signals(signum).name} again); the "
-                               f"last checkpoint is kept: {last_good or 'none'}; {resume}", exit_code=128 + int(signum))
+        """The error that ends a run stopped mid-step by a second request: the last checkpoint is what
+        remains."""
+        resume = (
+            f"continue with: aaekit run {run_dir / 'recipe.toml'} --resume --output-dir {run_dir}"
+            if last_good
+            else "no checkpoint was written yet; start the run again"
+        )
+        return TrainingStopped(
+            f"stopped at once during step {step + 1} ({signal.Signals(signum).name} again); the "
+            f"last checkpoint is kept: {last_good or 'none'}; {resume}",
+            exit_code=128 + int(signum),
+        )

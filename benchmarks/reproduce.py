@@ -9,7 +9,8 @@ evaluated with `aaekit eval`, as a user would run them.
 
 The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
 Experiments whose recipe does not exist are listed as skipped, with the reason.
-Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under runs/reproduce/
+Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under
+runs/reproduce/
 (--runs DIR elsewhere).
 """
 
@@ -51,36 +52,110 @@ class Experiment:
 ERROR_KEYS = ("error",)  # `aaekit eval --metric classification`: a fraction
 CLUSTER_KEYS = ("error.paper", "error")  # `--metric clustering`: the paper's protocol first
 EXPERIMENTS = [
-    Experiment("likelihood", "Table 1: Parzen log-likelihood, MNIST test (10K samples)", "gaussian.toml",
-               "340 ± 2", "parzen", ("log_likelihood",), "nats"),
-    Experiment("semisupervised_100", "Table 2: semi-supervised error, 100 labels", "semisupervised_100.toml",
-               "1.90 ± 0.10 %", "classification", ERROR_KEYS, "%"),
-    Experiment("semisupervised_1000", "Table 2: semi-supervised error, 1000 labels", "semisupervised_1000.toml",
-               "1.60 ± 0.08 %", "classification", ERROR_KEYS, "%"),
-    Experiment("semisupervised_all", "Table 2: supervised error, all labels", "semisupervised_all.toml",
-               "0.85 ± 0.02 %", "classification", ERROR_KEYS, "%"),
-    Experiment("cluster16", "Table 3: clustering error, 16 clusters", "cluster16.toml",
-               "9.55 %", "clustering", CLUSTER_KEYS, "%"),
-    Experiment("cluster30", "Table 3: clustering error, 30 clusters", "cluster30.toml",
-               "4.10 ± 1.13 %", "clustering", CLUSTER_KEYS, "%"),
-    Experiment("dimred2d", "§7: 2-D dimensionality reduction, unsupervised (error)", "dimred2d.toml",
-               "~13.5 %", "clustering", CLUSTER_KEYS, "%"),
-    Experiment("dimred2d_1000", "§7: 2-D dimensionality reduction, 1000 labels (error)", "dimred2d_1000.toml",
-               "—", "classification", ERROR_KEYS, "%"),
-    Experiment("dimred2d_100", "§7: 2-D dimensionality reduction, 100 labels (error)", "dimred2d_100.toml",
-               "—", "classification", ERROR_KEYS, "%"),
+    Experiment(
+        "likelihood",
+        "Table 1: Parzen log-likelihood, MNIST test (10K samples)",
+        "gaussian.toml",
+        "340 ± 2",
+        "parzen",
+        ("log_likelihood",),
+        "nats",
+    ),
+    Experiment(
+        "semisupervised_100",
+        "Table 2: semi-supervised error, 100 labels",
+        "semisupervised_100.toml",
+        "1.90 ± 0.10 %",
+        "classification",
+        ERROR_KEYS,
+        "%",
+    ),
+    Experiment(
+        "semisupervised_1000",
+        "Table 2: semi-supervised error, 1000 labels",
+        "semisupervised_1000.toml",
+        "1.60 ± 0.08 %",
+        "classification",
+        ERROR_KEYS,
+        "%",
+    ),
+    Experiment(
+        "semisupervised_all",
+        "Table 2: supervised error, all labels",
+        "semisupervised_all.toml",
+        "0.85 ± 0.02 %",
+        "classification",
+        ERROR_KEYS,
+        "%",
+    ),
+    Experiment(
+        "cluster16",
+        "Table 3: clustering error, 16 clusters",
+        "cluster16.toml",
+        "9.55 %",
+        "clustering",
+        CLUSTER_KEYS,
+        "%",
+    ),
+    Experiment(
+        "cluster30",
+        "Table 3: clustering error, 30 clusters",
+        "cluster30.toml",
+        "4.10 ± 1.13 %",
+        "clustering",
+        CLUSTER_KEYS,
+        "%",
+    ),
+    Experiment(
+        "dimred2d",
+        "§7: 2-D dimensionality reduction, unsupervised (error)",
+        "dimred2d.toml",
+        "~13.5 %",
+        "clustering",
+        CLUSTER_KEYS,
+        "%",
+    ),
+    Experiment(
+        "dimred2d_1000",
+        "§7: 2-D dimensionality reduction, 1000 labels (error)",
+        "dimred2d_1000.toml",
+        "—",
+        "classification",
+        ERROR_KEYS,
+        "%",
+    ),
+    Experiment(
+        "dimred2d_100",
+        "§7: 2-D dimensionality reduction, 100 labels (error)",
+        "dimred2d_100.toml",
+        "—",
+        "classification",
+        ERROR_KEYS,
+        "%",
+    ),
 ]
 
 # --quick: tiny nets, a few steps, a cheap evaluation; checks the pipeline, not the numbers.
-QUICK_OVERRIDES = ["train.batch_size=20", "data.validation=0", "encoder.hidden=[32]", "decoder.hidden=[32]", "data.limit=400",
-                   "train.pictures=false", "train.checkpoint_every=0"]
-QUICK_EVAL = {"parzen": ["-n", "200", "--validation-size", "100", "--test-limit", "200", "--sigmas", "0.1,0.2,0.4"],
-              "classification": ["--test-limit", "200"], "clustering": ["--test-limit", "200"]}
+QUICK_OVERRIDES = [
+    "train.batch_size=20",
+    "data.validation=0",
+    "encoder.hidden=[32]",
+    "decoder.hidden=[32]",
+    "data.limit=400",
+    "train.pictures=false",
+    "train.checkpoint_every=0",
+]
+QUICK_EVAL = {
+    "parzen": ["-n", "200", "--validation-size", "100", "--test-limit", "200", "--sigmas", "0.1,0.2,0.4"],
+    "classification": ["--test-limit", "200"],
+    "clustering": ["--test-limit", "200"],
+}
 
 
 def aaekit(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aaekit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aaekit", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tiny_code_overrides(recipe_path: Path) -> list[str]:
@@ -99,7 +174,9 @@ def train(recipe: Path, overrides: list[str], run_dir: Path) -> tuple[float, str
     start = time.perf_counter()
     out = aaekit("run", str(recipe), *overrides, "--output-dir", str(run_dir))
     if out.returncode != 0:
-        raise RuntimeError(f"aaekit run failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-600:]}")
+        raise RuntimeError(
+            f"aaekit run failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-600:]}"
+        )
     return time.perf_counter() - start, out.stdout
 
 
@@ -109,10 +186,20 @@ def budget_steps(recipe: Path, overrides: list[str], minutes: float, work: Path)
 
     batch = load_recipe(recipe, overrides).values["train"]["batch_size"]
     calib = work / "calibration"
-    wall, _ = train(recipe, [*overrides, "train.max_steps=30", "train.log_every=10", "train.checkpoint_every=0",
-                             "train.pictures=false"], calib)
+    wall, _ = train(
+        recipe,
+        [
+            *overrides,
+            "train.max_steps=30",
+            "train.log_every=10",
+            "train.checkpoint_every=0",
+            "train.pictures=false",
+        ],
+        calib,
+    )
     samples_per_s = last_record(calib)["samples_per_s"]
-    # The budget is wall time: what the calibration spent outside its 30 steps (start-up, data) is spent again.
+    # The budget is wall time: what the calibration spent outside its 30 steps (start-up, data) is spent
+    # again.
     fixed = max(0.0, wall - 30 * batch / samples_per_s)
     return max(1, int((minutes * 60 - fixed) * samples_per_s / batch)), samples_per_s
 
@@ -127,8 +214,11 @@ def pick_number(result: dict, keys: tuple[str, ...]) -> tuple[str | None, float 
 def hardware() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     import torch
@@ -141,15 +231,22 @@ def hardware() -> str:
 def run_experiment(exp: Experiment, opts, out_root: Path, seed: int | None = None) -> dict:
     """One training run and its evaluation; ``seed`` (with --seeds) overrides the recipe's run.seed."""
     recipe = ROOT / "recipes" / exp.recipe
-    row = {"experiment": exp.key, "table": exp.table, "recipe": f"recipes/{exp.recipe}", "paper": exp.paper,
-           "unit": exp.unit}
+    row = {
+        "experiment": exp.key,
+        "table": exp.table,
+        "recipe": f"recipes/{exp.recipe}",
+        "paper": exp.paper,
+        "unit": exp.unit,
+    }
     if not recipe.exists():
         return {**row, "status": "skipped", "reason": f"recipes/{exp.recipe} does not exist yet"}
     metric = exp.metric
     work = out_root / (exp.key if seed is None else f"{exp.key}-seed{seed}")
     overrides = [*exp.overrides, *opts.overrides, *([] if seed is None else [f"run.seed={seed}"])]
     if opts.quick:
-        overrides += QUICK_OVERRIDES + tiny_code_overrides(recipe) + ["train.max_steps=6", "train.log_every=3"]
+        overrides += (
+            QUICK_OVERRIDES + tiny_code_overrides(recipe) + ["train.max_steps=6", "train.log_every=3"]
+        )
         steps, calibrated = 6, None
     else:
         steps, calibrated = budget_steps(recipe, overrides, opts.minutes, work)
@@ -163,8 +260,10 @@ def run_experiment(exp: Experiment, opts, out_root: Path, seed: int | None = Non
         out = aaekit(*eval_args)
         eval_seconds = time.perf_counter() - started
         if out.returncode != 0:
-            raise RuntimeError(f"aaekit eval failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-600:]}")
-        result = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+            raise RuntimeError(
+                f"aaekit eval failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-600:]}"
+            )
+        result = json.loads(out.stdout[out.stdout.index("{") : out.stdout.rindex("}") + 1])
     except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
         return {**row, "status": "failed", "reason": str(exc)}
     key, number = pick_number(result, exp.result_keys)
@@ -172,11 +271,23 @@ def run_experiment(exp: Experiment, opts, out_root: Path, seed: int | None = Non
         number *= 100  # eval reports error as a fraction
     record = last_record(work / "run")
     # The budget caps the steps; a recipe whose epochs end sooner stops there, as shipped.
-    return {**row, "status": "ok", "metric": metric, "aaekit": number, "result_key": key,
-            "standard_error": result.get("standard_error"), "steps": record.get("step", steps), "step_cap": steps,
-            "epochs": record.get("epoch"),
-            "calibrated_samples_per_s": calibrated, "train_s": round(seconds, 1), "eval_s": round(eval_seconds, 1),
-            "run_dir": shown(work / "run"), "overrides": overrides, "eval": result}
+    return {
+        **row,
+        "status": "ok",
+        "metric": metric,
+        "aaekit": number,
+        "result_key": key,
+        "standard_error": result.get("standard_error"),
+        "steps": record.get("step", steps),
+        "step_cap": steps,
+        "epochs": record.get("epoch"),
+        "calibrated_samples_per_s": calibrated,
+        "train_s": round(seconds, 1),
+        "eval_s": round(eval_seconds, 1),
+        "run_dir": shown(work / "run"),
+        "overrides": overrides,
+        "eval": result,
+    }
 
 
 def shown(path: Path) -> str:
@@ -194,25 +305,43 @@ def combine_seeds(runs: list[dict]) -> dict:
         return {**failed[0], "reason": "; ".join(f"seed {r['seed']}: {r['reason']}" for r in failed)}
     numbers = [r["aaekit"] for r in runs]
     per_seed = ("seed", "aaekit", "steps", "epochs", "train_s", "eval_s", "run_dir", "eval")
-    return {**{k: v for k, v in runs[0].items() if k not in per_seed}, "aaekit": statistics.mean(numbers),
-            "seeds_std": statistics.stdev(numbers), "standard_error": None,
-            "steps": round(statistics.mean(r["steps"] for r in runs)),
-            "epochs": runs[0]["epochs"], "train_s": statistics.mean(r["train_s"] for r in runs),
-            "seeds": [{k: r[k] for k in per_seed} for r in runs]}
+    return {
+        **{k: v for k, v in runs[0].items() if k not in per_seed},
+        "aaekit": statistics.mean(numbers),
+        "seeds_std": statistics.stdev(numbers),
+        "standard_error": None,
+        "steps": round(statistics.mean(r["steps"] for r in runs)),
+        "epochs": runs[0]["epochs"],
+        "train_s": statistics.mean(r["train_s"] for r in runs),
+        "seeds": [{k: r[k] for k in per_seed} for r in runs],
+    }
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Budget: {report['budget']}; hardware: {report['hardware']}; {report['finished']}.", "",
-             "| experiment | paper | aaekit | train time | steps (epochs) | hardware |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Budget: {report['budget']}; hardware: {report['hardware']}; {report['finished']}.",
+        "",
+        "| experiment | paper | aaekit | train time | steps (epochs) | hardware |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in report["experiments"]:
         if r["status"] == "ok":
             se = f" ± {r['standard_error']:.1f}" if isinstance(r.get("standard_error"), (int, float)) else ""
-            value = f"{r['aaekit']:.2f}{se} {r['unit']}" if r["aaekit"] is not None else "(no number in eval output)"
+            value = (
+                f"{r['aaekit']:.2f}{se} {r['unit']}"
+                if r["aaekit"] is not None
+                else "(no number in eval output)"
+            )
             if "seeds" in r:
-                value += (f" (mean of {len(r['seeds'])} seeds, sd {r['seeds_std']:.2f}: "
-                          + " / ".join(f"{s['aaekit']:.2f}" for s in r["seeds"]) + ")")
-            lines.append(f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | "
-                         f"{r['steps']} ({r['epochs']}) | {report['hardware']} |")
+                value += (
+                    f" (mean of {len(r['seeds'])} seeds, sd {r['seeds_std']:.2f}: "
+                    + " / ".join(f"{s['aaekit']:.2f}" for s in r["seeds"])
+                    + ")"
+                )
+            lines.append(
+                f"| {r['table']} | {r['paper']} | {value} | {r['train_s']:.0f} s | "
+                f"{r['steps']} ({r['epochs']}) | {report['hardware']} |"
+            )
         else:
             lines.append(f"| {r['table']} | {r['paper']} | {r['status']}: {r['reason']} | — | — | — |")
     return "\n".join(lines) + "\n"
@@ -221,18 +350,40 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per experiment")
-    parser.add_argument("--only", action="append", choices=[e.key for e in EXPERIMENTS],
-                        help="run only this experiment (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[e.key for e in EXPERIMENTS],
+        help="run only this experiment (repeatable)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny nets and a few steps: checks the pipeline")
-    parser.add_argument("--parallel", type=int, default=1,
-                        help="experiments trained at the same time (e.g. 8 on one large GPU)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override for every experiment, e.g. run.mixed_precision=bf16 (repeatable)")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="train each experiment with run.seed = 0..N-1 and report the mean and spread")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="experiments trained at the same time (e.g. 8 on one large GPU)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every experiment, e.g. run.mixed_precision=bf16 (repeatable)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train each experiment with run.seed = 0..N-1 and report the mean and spread",
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "reproduce",
-                        help="where the runs go, one folder per reproduction (default: runs/reproduce)")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=ROOT / "runs" / "reproduce",
+        help="where the runs go, one folder per reproduction (default: runs/reproduce)",
+    )
     opts = parser.parse_args(argv)
     if opts.minutes <= 0:
         parser.error("--minutes must be positive")
@@ -257,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                 except UserError as exc:
                     parser.error(f"--set: {exc}")
     rows: dict[str, dict] = {}
-    budget = "quick (tiny nets, 6 steps)" if opts.quick else f"{opts.minutes:g} min of training per experiment"
+    budget = (
+        "quick (tiny nets, 6 steps)" if opts.quick else f"{opts.minutes:g} min of training per experiment"
+    )
     if opts.parallel > 1:
         budget += f", {opts.parallel} at a time"
     if opts.seeds > 1:
@@ -270,11 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     def write_report() -> dict:
         """Rewritten after every experiment, so an interrupted reproduction keeps what finished."""
         done = [rows[e.key] for e in chosen if e.key in rows]
-        report = {"benchmark": "reproduce", "quick": opts.quick, "budget": budget, "hardware": machine,
-                  "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  "runs": shown(out_root), "experiments": done}
+        report = {
+            "benchmark": "reproduce",
+            "quick": opts.quick,
+            "budget": budget,
+            "hardware": machine,
+            "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "runs": shown(out_root),
+            "experiments": done,
+        }
         opts.results.mkdir(parents=True, exist_ok=True)
-        for name, text in (("reproduce.json", json.dumps(report, indent=2) + "\n"), ("reproduce.md", markdown(report))):
+        for name, text in (
+            ("reproduce.json", json.dumps(report, indent=2) + "\n"),
+            ("reproduce.md", markdown(report)),
+        ):
             tmp = opts.results / (name + ".tmp")
             tmp.write_text(text)
             tmp.replace(opts.results / name)
@@ -288,11 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         name = exp.key if seed is None else f"{exp.key} seed {seed}"
         print(f"[{name}] ...", flush=True)
         row = {**run_experiment(exp, opts, out_root, seed), "seed": seed}
-        detail = f"{row['aaekit']} {row['unit']} in {row['train_s']} s" if row["status"] == "ok" else row["reason"]
+        detail = (
+            f"{row['aaekit']} {row['unit']} in {row['train_s']} s" if row["status"] == "ok" else row["reason"]
+        )
         print(f"[{name}] {row['status']}: {detail}", flush=True)
         with lock:
             finished[exp.key].append(row)
-            if len(finished[exp.key]) == len(seeds):  # an experiment enters the report once all its seeds have
+            if len(finished[exp.key]) == len(
+                seeds
+            ):  # an experiment enters the report once all its seeds have
                 rows[exp.key] = combine_seeds(sorted(finished[exp.key], key=lambda r: r["seed"] or 0))
                 write_report()
 

@@ -5,10 +5,12 @@ so that a noisy, shared machine slows every contender alike; the figure reported
 its rounds. Run it from the repository root:
 
     .venv/bin/python benchmarks/throughput.py            # the paper's likelihood setting (minutes)
-    .venv/bin/python benchmarks/throughput.py --quick    # tiny nets and budget: checks that it works (seconds)
+    .venv/bin/python benchmarks/throughput.py --quick    # tiny nets and budget: checks that it works
+    (seconds)
 
 It prints a table and writes benchmarks/results/throughput.json (figures, versions, threads, CPU, GPU), with
-each contender's step split by torch.profiler into matrix products, optimizer, dtype casts, data loading, other
+each contender's step split by torch.profiler into matrix products, optimizer, dtype casts, data loading,
+other
 operators, autograd bookkeeping and Python.
 On a machine with a GPU every contender runs on it (the engine where Accelerate puts it, the plain loop and
 the replayed matmuls beside it), timed with the GPU synchronised, and fp16 is timed beside bf16.
@@ -48,24 +50,54 @@ def synchronize() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
-# The paper's likelihood setting (recipes/gaussian.toml); --quick shrinks the nets so a smoke test takes seconds.
-FULL = {"hidden": 1000, "batch": 100, "limit": 0, "warmup": 5, "rounds": 7, "steps": 20,
-        "curve_steps": 300, "epoch_sizes": [10_000, 30_000, 60_000], "cli_steps": 20,
-        "cli_repeats": 5, "breakdown_steps": 5, "breakdown_rounds": 3,
-        "long_steps": 1800}
-QUICK = {"hidden": 64, "batch": 100, "limit": 2000, "warmup": 2, "rounds": 2, "steps": 3,
-         "curve_steps": 20, "epoch_sizes": [500, 1000, 2000], "cli_steps": 3,
-         "cli_repeats": 1, "breakdown_steps": 2, "breakdown_rounds": 1,
-         "long_steps": 12}
+
+# The paper's likelihood setting (recipes/gaussian.toml); --quick shrinks the nets so a smoke test takes
+# seconds.
+FULL = {
+    "hidden": 1000,
+    "batch": 100,
+    "limit": 0,
+    "warmup": 5,
+    "rounds": 7,
+    "steps": 20,
+    "curve_steps": 300,
+    "epoch_sizes": [10_000, 30_000, 60_000],
+    "cli_steps": 20,
+    "cli_repeats": 5,
+    "breakdown_steps": 5,
+    "breakdown_rounds": 3,
+    "long_steps": 1800,
+}
+QUICK = {
+    "hidden": 64,
+    "batch": 100,
+    "limit": 2000,
+    "warmup": 2,
+    "rounds": 2,
+    "steps": 3,
+    "curve_steps": 20,
+    "epoch_sizes": [500, 1000, 2000],
+    "cli_steps": 3,
+    "cli_repeats": 1,
+    "breakdown_steps": 2,
+    "breakdown_rounds": 1,
+    "long_steps": 12,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Contender 1: aaekit's engine, built from the recipe exactly as `aaekit run` builds it.
 
+
 def recipe_overrides(cfg: dict, *extra: str) -> list[str]:
     h = cfg["hidden"]
-    out = [f"encoder.hidden=[{h},{h}]", f"decoder.hidden=[{h},{h}]", f"codes.z.discriminator.hidden=[{h},{h}]",
-           f"train.batch_size={cfg['batch']}", "train.pictures=false"]
+    out = [
+        f"encoder.hidden=[{h},{h}]",
+        f"decoder.hidden=[{h},{h}]",
+        f"codes.z.discriminator.hidden=[{h},{h}]",
+        f"train.batch_size={cfg['batch']}",
+        "train.pictures=false",
+    ]
     if cfg["limit"]:
         out.append(f"data.limit={cfg['limit']}")
     return out + list(extra)
@@ -121,6 +153,7 @@ class EngineSteps:
 # ---------------------------------------------------------------------------------------------------------
 # Contender 2: the same model and schedule, written the way a typical user writes it.
 
+
 def mlp(sizes):
     layers = []
     for i in range(len(sizes) - 1):
@@ -167,8 +200,9 @@ class PlainLoop:
         z_real = 5.0 * torch.randn(x.shape[0], 8, device=DEVICE)
         z_fake = self.encoder(x).detach()
         d_real, d_fake = self.discriminator(z_real), self.discriminator(z_fake)
-        d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-                  + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        d_loss = F.binary_cross_entropy_with_logits(
+            d_real, torch.ones_like(d_real)
+        ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         d_loss.backward()
         self.opt_d.step()
         # generator
@@ -241,13 +275,15 @@ class MatmulReplay:
 MATMUL_NAMES = {"aten::mm", "aten::addmm", "aten::bmm"}
 CAST_NAMES = {"aten::copy_", "aten::_to_copy"}
 # matmul: matrix products; optimizer: inside Optimizer.step/zero_grad; casts: copy_/_to_copy (autocast's dtype
-# casts among them); data: inside a DataLoader's next(); other_ops: every other operator; autograd: the autograd
+# casts among them); data: inside a DataLoader's next(); other_ops: every other operator; autograd: the
+# autograd
 # engine's own bookkeeping; python: wall time outside any operator.
 BREAKDOWN_CATEGORIES = ("matmul", "optimizer", "casts", "data", "other_ops", "autograd", "python")
 
 
 def category_of(event) -> str:
-    """Everything inside an optimizer's step/zero_grad is the optimizer's (the plain loop's unfused Adam is many
+    """Everything inside an optimizer's step/zero_grad is the optimizer's (the plain loop's unfused Adam is
+    many
     small operators), everything inside a DataLoader's next() is data loading; else the operator decides."""
     node = event
     while node is not None:  # the event itself, then its enclosing spans
@@ -283,11 +319,14 @@ def profile_steps(step, steps: int) -> tuple[float, dict]:
 
 def time_breakdowns(contenders: dict, cfg: dict) -> dict:
     """Milliseconds per step by category for each contender (host time: on a GPU, what the CPU spends
-    launching), profiled in alternating rounds like the timing. The profiler slows each operator call a little,
-    so the categories add up to the profiled step time (`profiled_step_ms`), somewhat above the unprofiled one;
+    launching), profiled in alternating rounds like the timing. The profiler slows each operator call a
+    little,
+    so the categories add up to the profiled step time (`profiled_step_ms`), somewhat above the unprofiled
+    one;
     "python" is the wall time outside any operator."""
     steps = cfg["breakdown_steps"]
-    # A contender's first profiled steps are slow (bf16's casts measured 17, then 10, then 3.6 ms a step in three
+    # A contender's first profiled steps are slow (bf16's casts measured 17, then 10, then 3.6 ms a step in
+    # three
     # 5-step profiles in a row, and 3.6 ms at once after 40 unprofiled steps), so unprofiled steps go first.
     for step in contenders.values():
         for _ in range(8 * steps):
@@ -313,6 +352,7 @@ def time_breakdowns(contenders: dict, cfg: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 
+
 def alternate(contenders: dict, cfg: dict) -> dict[str, list[float]]:
     """Warm every contender up, then time `steps` calls of each per round, rotating the order each round.
     Returns seconds per call, one figure per round."""
@@ -322,7 +362,7 @@ def alternate(contenders: dict, cfg: dict) -> dict[str, list[float]]:
     names = list(contenders)
     per_call = {n: [] for n in names}
     for r in range(cfg["rounds"]):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             synchronize()
             start = time.perf_counter()
@@ -342,8 +382,10 @@ def cli_timings(cfg: dict, work: Path) -> dict:
         start = time.perf_counter()
         subprocess.run([*exe, "--help"], check=True, capture_output=True)
         help_times.append(time.perf_counter() - start)
-    probe = ("import sys\nfrom aaekit.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
-             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    probe = (
+        "import sys\nfrom aaekit.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)"
+    )
     imported = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True).stderr
     baseline = []
     for _ in range(cfg["cli_repeats"]):
@@ -352,8 +394,14 @@ def cli_timings(cfg: dict, work: Path) -> dict:
         baseline.append(time.perf_counter() - start)
 
     run_dir = work / "cli-run"
-    args = [*exe, "run", str(RECIPE), *recipe_overrides(cfg, f"train.max_steps={cfg['cli_steps']}",
-                                                           "train.log_every=1"), "--output-dir", str(run_dir)]
+    args = [
+        *exe,
+        "run",
+        str(RECIPE),
+        *recipe_overrides(cfg, f"train.max_steps={cfg['cli_steps']}", "train.log_every=1"),
+        "--output-dir",
+        str(run_dir),
+    ]
     metrics = run_dir / "metrics.jsonl"
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=work)
@@ -385,23 +433,37 @@ def cli_timings(cfg: dict, work: Path) -> dict:
 
 
 def long_runs(cfg: dict, work: Path) -> dict:
-    """`aaekit run` for `long_steps` steps with denormal flushing on and off (`run.flush_denormals`): samples/s
+    """`aaekit run` for `long_steps` steps with denormal flushing on and off (`run.flush_denormals`):
+    samples/s
     per log window. Without flushing a CPU run slows down as Adam's running averages fill with denormals, long
     after the few hundred steps the alternating rounds above take."""
     out = {}
     windows = 6
     for flush in (True, False):
         run_dir = work / f"long-{'flush' if flush else 'no-flush'}"
-        args = [sys.executable, "-m", "aaekit", "run", str(RECIPE),
-                *recipe_overrides(cfg, f"train.max_steps={cfg['long_steps']}",
-                                  f"train.log_every={max(1, cfg['long_steps'] // windows)}",
-                                  f"run.flush_denormals={str(flush).lower()}"), "--output-dir", str(run_dir)]
+        args = [
+            sys.executable,
+            "-m",
+            "aaekit",
+            "run",
+            str(RECIPE),
+            *recipe_overrides(
+                cfg,
+                f"train.max_steps={cfg['long_steps']}",
+                f"train.log_every={max(1, cfg['long_steps'] // windows)}",
+                f"run.flush_denormals={str(flush).lower()}",
+            ),
+            "--output-dir",
+            str(run_dir),
+        ]
         proc = subprocess.run(args, capture_output=True, text=True, cwd=work)
         if proc.returncode:
             raise SystemExit(f"aaekit run failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        out["flush" if flush else "no_flush"] = {"steps": [r["step"] for r in records],
-                                                 "samples_per_s": [r["samples_per_s"] for r in records]}
+        out["flush" if flush else "no_flush"] = {
+            "steps": [r["step"] for r in records],
+            "samples_per_s": [r["samples_per_s"] for r in records],
+        }
     return out
 
 
@@ -420,8 +482,14 @@ def epoch_scaling(cfg: dict, work: Path) -> list[dict]:
             step()
         synchronize()
         seconds = time.perf_counter() - start
-        out.append({"train_size": size, "steps": trainer.steps_per_epoch, "epoch_s": seconds,
-                    "us_per_sample": 1e6 * seconds / (trainer.steps_per_epoch * cfg["batch"])})
+        out.append(
+            {
+                "train_size": size,
+                "steps": trainer.steps_per_epoch,
+                "epoch_s": seconds,
+                "us_per_sample": 1e6 * seconds / (trainer.steps_per_epoch * cfg["batch"]),
+            }
+        )
         del trainer, step
     return out
 
@@ -439,11 +507,21 @@ def machine_info() -> dict:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None
-    return {"device": DEVICE.type, "gpu": gpu, "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "accelerate": accelerate.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "load_average_at_start": load,
-            "bf16_matmul_units": "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None}
+    return {
+        "device": DEVICE.type,
+        "gpu": gpu,
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": load,
+        "bf16_matmul_units": "amx_bf16" in Path("/proc/cpuinfo").read_text()
+        if Path("/proc/cpuinfo").exists()
+        else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-steps", type=int, help="steps of the bf16-vs-fp32 loss curve (default 300)")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI start-up and peak-memory figures")
     parser.add_argument("--no-epochs", action="store_true", help="skip time per epoch vs training set size")
-    parser.add_argument("--no-long", action="store_true", help="skip the long `aaekit run`s with and without "
-                        "denormal flushing")
+    parser.add_argument(
+        "--no-long",
+        action="store_true",
+        help="skip the long `aaekit run`s with and without denormal flushing",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     opts = parser.parse_args(argv)
     cfg = dict(QUICK if opts.quick else FULL)
@@ -478,18 +559,30 @@ def main(argv: list[str] | None = None) -> int:
         contenders[f"aaekit_{precision}"] = EngineSteps(trainer)
     if DEVICE.type == "cpu":  # bf16 on a CPU holds bf16 weights with fp32 masters; plain autocast beside it
         assert trainer.master_weights is not None
-        autocast = make_trainer(recipe_overrides(cfg, "run.mixed_precision=bf16", "run.bf16_master_weights=false"),
-                                work / "bf16-autocast")
+        autocast = make_trainer(
+            recipe_overrides(cfg, "run.mixed_precision=bf16", "run.bf16_master_weights=false"),
+            work / "bf16-autocast",
+        )
         contenders["aaekit_bf16_autocast"] = EngineSteps(autocast)
     contenders["plain_fp32"] = PlainLoop(fp32.dataset.load("train").x, cfg["hidden"], cfg["batch"])
 
-    # Where each step's time goes. (Before denormal flushing, Adam and the casts profiled here after the timing
+    # Where each step's time goes. (Before denormal flushing, Adam and the casts profiled here after the
+    # timing
     # read twice as slow as at its start: the denormals that had built up in Adam's state by then.)
     breakdowns = time_breakdowns(contenders, cfg)
     # FLOPs and matmuls of one step of each; the ceilings replay those matmuls alone.
     profiles = {n: one_step_profile(fn) for n, fn in contenders.items()}
-    dtypes = {n: sorted({str(a[2]).removeprefix("torch.") for _, spec, _ in calls for a in spec
-                         if isinstance(a, tuple) and len(a) == 3}) for n, (calls, _) in profiles.items()}
+    dtypes = {
+        n: sorted(
+            {
+                str(a[2]).removeprefix("torch.")
+                for _, spec, _ in calls
+                for a in spec
+                if isinstance(a, tuple) and len(a) == 3
+            }
+        )
+        for n, (calls, _) in profiles.items()
+    }
     assert dtypes["aaekit_fp32"] == ["float32"] and "bfloat16" in dtypes["aaekit_bf16"], dtypes
     assert "aaekit_bf16_autocast" not in dtypes or "bfloat16" in dtypes["aaekit_bf16_autocast"], dtypes
     assert "aaekit_fp16" not in dtypes or "float16" in dtypes["aaekit_fp16"], dtypes
@@ -504,10 +597,15 @@ def main(argv: list[str] | None = None) -> int:
         ceiling_gflops = replays[f"ceiling_{n}"].flops / ceiling_s / 1e9
         flops = profiles[n][1]
         results[n] = {
-            "samples_per_s": batch / sec, "samples_per_s_rounds": [batch / s for s in timed[n]],
-            "step_ms": 1e3 * sec, "flops_per_step": flops, "gflops": flops / sec / 1e9,
-            "ceiling_gflops": ceiling_gflops, "matmuls_per_step": len(profiles[n][0]),
-            "matmul_dtypes": dtypes[n], "fraction_of_ceiling": flops / sec / 1e9 / ceiling_gflops,
+            "samples_per_s": batch / sec,
+            "samples_per_s_rounds": [batch / s for s in timed[n]],
+            "step_ms": 1e3 * sec,
+            "flops_per_step": flops,
+            "gflops": flops / sec / 1e9,
+            "ceiling_gflops": ceiling_gflops,
+            "matmuls_per_step": len(profiles[n][0]),
+            "matmul_dtypes": dtypes[n],
+            "fraction_of_ceiling": flops / sec / 1e9 / ceiling_gflops,
             "time_breakdown": breakdowns[n],
         }
     plain = results["plain_fp32"]["samples_per_s"]
@@ -529,26 +627,40 @@ def main(argv: list[str] | None = None) -> int:
     mean_of = lambda xs: sum(xs) / len(xs)  # noqa: E731
     curve = {"steps": cfg["curve_steps"], "window": window}
     for name, losses in curves.items():
-        curve[name] = [mean_of(losses[i:i + window]) for i in range(0, cfg["curve_steps"], window)]
+        curve[name] = [mean_of(losses[i : i + window]) for i in range(0, cfg["curve_steps"], window)]
     for name in mixed:  # bf16's keeps its original key
         key = "final_relative_difference" if name == "bf16" else f"{name}_final_relative_difference"
         curve[key] = abs(curve[name][-1] - curve["fp32"][-1]) / curve["fp32"][-1]
 
     report = {
-        "benchmark": "throughput", "quick": opts.quick, "machine": info,
-        "setting": {"recipe": "recipes/gaussian.toml", "encoder": [784, cfg["hidden"], cfg["hidden"], 8],
-                    "decoder": [8, cfg["hidden"], cfg["hidden"], 784],
-                    "discriminator": [8, cfg["hidden"], cfg["hidden"], 1], "batch": batch,
-                    "optimizer": "adam",
-                    "bf16": ("bf16 weights with fp32 masters, compiled Adam loop (run.bf16_master_weights); "
-                             "aaekit_bf16_autocast: plain autocast" if DEVICE.type == "cpu" else "autocast"),
-                    "rounds": cfg["rounds"], "steps_per_round": cfg["steps"],
-                    "warmup_steps": cfg["warmup"], "statistic": "median over alternating rounds",
-                    # both are process-wide: the plain loop, timed in the same process, gains from the
-                    # engine's CPU settings too, so the speed-ups are conservative
-                    "plain_loop_allocator": "glibc thresholds set by aaekit's Trainer (same process)",
-                    "plain_loop_denormals": "flushed on every thread by aaekit's Trainer (same process)"},
-        "results": results, "speedups": speedups, "bf16_loss_curve": curve,
+        "benchmark": "throughput",
+        "quick": opts.quick,
+        "machine": info,
+        "setting": {
+            "recipe": "recipes/gaussian.toml",
+            "encoder": [784, cfg["hidden"], cfg["hidden"], 8],
+            "decoder": [8, cfg["hidden"], cfg["hidden"], 784],
+            "discriminator": [8, cfg["hidden"], cfg["hidden"], 1],
+            "batch": batch,
+            "optimizer": "adam",
+            "bf16": (
+                "bf16 weights with fp32 masters, compiled Adam loop (run.bf16_master_weights); "
+                "aaekit_bf16_autocast: plain autocast"
+                if DEVICE.type == "cpu"
+                else "autocast"
+            ),
+            "rounds": cfg["rounds"],
+            "steps_per_round": cfg["steps"],
+            "warmup_steps": cfg["warmup"],
+            "statistic": "median over alternating rounds",
+            # both are process-wide: the plain loop, timed in the same process, gains from the
+            # engine's CPU settings too, so the speed-ups are conservative
+            "plain_loop_allocator": "glibc thresholds set by aaekit's Trainer (same process)",
+            "plain_loop_denormals": "flushed on every thread by aaekit's Trainer (same process)",
+        },
+        "results": results,
+        "speedups": speedups,
+        "bf16_loss_curve": curve,
     }
     if not opts.no_cli:
         report["cli"] = cli_timings(cfg, work)
@@ -570,34 +682,56 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(report: dict) -> None:
     m = report["machine"]
     gpu = f"{m['gpu']} (GPU); " if m.get("gpu") else ""
-    print(f"\n{gpu}{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; load {m['load_average_at_start']}")
+    print(
+        f"\n{gpu}{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; load "
+        f"{m['load_average_at_start']}"
+    )
     print(f"{'contender':<21}{'samples/s':>11}{'step ms':>9}{'GFLOP/s':>9}{'ceiling':>9}{'of ceiling':>11}")
     for n, r in report["results"].items():
-        print(f"{n:<21}{r['samples_per_s']:>11.0f}{r['step_ms']:>9.1f}{r['gflops']:>9.1f}"
-              f"{r['ceiling_gflops']:>9.1f}{100 * r['fraction_of_ceiling']:>10.0f}%")
+        print(
+            f"{n:<21}{r['samples_per_s']:>11.0f}{r['step_ms']:>9.1f}{r['gflops']:>9.1f}"
+            f"{r['ceiling_gflops']:>9.1f}{100 * r['fraction_of_ceiling']:>10.0f}%"
+        )
     print(f"\nwhere a step's time goes (ms, profiled; {'host time' if m.get('gpu') else 'CPU'}):")
     print(f"{'contender':<21}" + "".join(f"{c:>10}" for c in BREAKDOWN_CATEGORIES) + f"{'total':>8}")
     for n, r in report["results"].items():
         b = r["time_breakdown"]
-        print(f"{n:<21}" + "".join(f"{b['ms_per_step'][c]:>10.2f}" for c in BREAKDOWN_CATEGORIES)
-              + f"{b['profiled_step_ms']:>8.1f}")
-    print("   ".join(f"{k.removesuffix('_vs_plain_fp32').replace('_', ' ')} / plain fp32: {v:.2f}x"
-                       for k, v in report["speedups"].items() if not k.endswith("_per_round")))
+        print(
+            f"{n:<21}"
+            + "".join(f"{b['ms_per_step'][c]:>10.2f}" for c in BREAKDOWN_CATEGORIES)
+            + f"{b['profiled_step_ms']:>8.1f}"
+        )
+    print(
+        "   ".join(
+            f"{k.removesuffix('_vs_plain_fp32').replace('_', ' ')} / plain fp32: {v:.2f}x"
+            for k, v in report["speedups"].items()
+            if not k.endswith("_per_round")
+        )
+    )
     c = report["bf16_loss_curve"]
-    print(f"reconstruction loss after {c['steps']} steps: fp32 {c['fp32'][-1]:.4f}, bf16 {c['bf16'][-1]:.4f} "
-          f"({100 * c['final_relative_difference']:.1f}% apart)")
+    print(
+        f"reconstruction loss after {c['steps']} steps: fp32 {c['fp32'][-1]:.4f}, bf16 {c['bf16'][-1]:.4f} "
+        f"({100 * c['final_relative_difference']:.1f}% apart)"
+    )
     if "fp16" in c:
         print(f"  fp16 {c['fp16'][-1]:.4f} ({100 * c['fp16_final_relative_difference']:.1f}% from fp32)")
     if "cli" in report:
         cli = report["cli"]
-        print(f"aaekit --help {cli['help_s']['min']:.2f}s (python alone {cli['python_startup_s']:.2f}s, "
-              f"imports torch: {cli['help_imports_torch']}); aaekit run start to first step "
-              f"{cli['run_start_to_first_step_s']:.2f}s; peak RSS {cli['run_peak_rss_mib']:.0f} MiB")
+        print(
+            f"aaekit --help {cli['help_s']['min']:.2f}s (python alone {cli['python_startup_s']:.2f}s, "
+            f"imports torch: {cli['help_imports_torch']}); aaekit run start to first step "
+            f"{cli['run_start_to_first_step_s']:.2f}s; peak RSS {cli['run_peak_rss_mib']:.0f} MiB"
+        )
     for name, run in report.get("long_runs", {}).items():
-        print(f"aaekit run, {name.replace('_', ' ')}: samples/s at steps {run['steps']}: "
-              + ", ".join(f"{v:.0f}" for v in run["samples_per_s"]))
+        print(
+            f"aaekit run, {name.replace('_', ' ')}: samples/s at steps {run['steps']}: "
+            + ", ".join(f"{v:.0f}" for v in run["samples_per_s"])
+        )
     for e in report.get("epoch_scaling", []):
-        print(f"epoch of {e['train_size']:>6} images: {e['epoch_s']:7.2f}s  ({e['us_per_sample']:.0f} us/sample)")
+        print(
+            f"epoch of {e['train_size']:>6} images: {e['epoch_s']:7.2f}s  ({e['us_per_sample']:.0f} "
+            f"us/sample)"
+        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor
 
 # Small networks and a few steps: tests check behaviour, not quality. Prefixed to any short run.
 TINY = [
-    "train.max_steps=4", "train.log_every=2", "train.batch_size=20",
-    "encoder.hidden=[32]", "decoder.hidden=[32]", "data.limit=400",
+    "train.max_steps=4",
+    "train.log_every=2",
+    "train.batch_size=20",
+    "encoder.hidden=[32]",
+    "decoder.hidden=[32]",
+    "data.limit=400",
 ]
 
 
@@ -32,9 +36,15 @@ def two_code_recipe(path: Path, **tables: dict) -> Path:
         "data": {"name": "mnist"},
         "encoder": {"name": "deterministic", "hidden": [16]},
         "decoder": {"hidden": [16]},
-        "codes": {"y": {"kind": "categorical", "dim": 10, "prior": {"name": "categorical"},
-                        "discriminator": {"hidden": [16]}},
-                  "z": {"dim": 2, "prior": {"name": "gaussian"}, "discriminator": {"hidden": [16]}}},
+        "codes": {
+            "y": {
+                "kind": "categorical",
+                "dim": 10,
+                "prior": {"name": "categorical"},
+                "discriminator": {"hidden": [16]},
+            },
+            "z": {"dim": 2, "prior": {"name": "gaussian"}, "discriminator": {"hidden": [16]}},
+        },
         "heads": {"cls": {"name": "classifier", "code": "y"}},
         "train": {"pictures": False},
     }
@@ -45,7 +55,8 @@ def two_code_recipe(path: Path, **tables: dict) -> Path:
 
 
 def prepared_trainer(recipe, run_dir, overrides: list[str]):
-    """A Trainer built from a recipe file with overrides and prepared from scratch, as `aaekit run` builds it."""
+    """A Trainer built from a recipe file with overrides and prepared from scratch, as `aaekit run` builds
+    it."""
     from aaekit.engine import Trainer
     from aaekit.plugins import get_registry
     from aaekit.recipe import load_recipe
@@ -82,29 +93,46 @@ def aaekit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subp
         result = CliRunner().invoke(cli, list(args), env=env, prog_name="aaekit")
     finally:
         os.chdir(before)
-        del sys.path[:len(extra_paths)]
+        del sys.path[: len(extra_paths)]
         plugins.reset()
         reset_accelerate()
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+        stderr += "Traceback (most recent call last):\n" + "".join(
+            traceback.format_exception(result.exception)
+        )
     return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
 
 
-def aaekit_process(*args: str, cwd: Path | None = None, env: dict | None = None,
-                   timeout: int = 600) -> subprocess.CompletedProcess:
+def aaekit_process(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """The CLI in a fresh interpreter (``python -m aaekit``): only for what needs a process of its own
     (a real kill, the import footprint, the module entry point)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "aaekit", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aaekit", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_run_args(recipe: str, run_dir: Path, *extra: str) -> list[str]:
     import tomllib
 
     values = tomllib.loads((ROOT / recipe).read_text())
-    return ["run", str(ROOT / recipe), *TINY, *tiny_code_overrides(values), *extra, "--output-dir", str(run_dir)]
+    return [
+        "run",
+        str(ROOT / recipe),
+        *TINY,
+        *tiny_code_overrides(values),
+        *extra,
+        "--output-dir",
+        str(run_dir),
+    ]
 
 
 def reset_accelerate() -> None:

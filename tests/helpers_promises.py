@@ -1,5 +1,7 @@
-"""Helpers for tests that check what a feature produces, not only that it ran: what a decoder was given (observed
-with a forward hook, nothing replaced), PNG grids read back, and which arm of the gmm prior a 2-D point lies on."""
+"""Helpers for tests that check what a feature produces, not only that it ran: what a decoder was given
+(observed
+with a forward hook, nothing replaced), PNG grids read back, and which arm of the gmm prior a 2-D point lies
+on."""
 
 from __future__ import annotations
 
@@ -17,15 +19,23 @@ PNG_TOLERANCE = 2.5 / 255
 @contextmanager
 def decoder_inputs(input_width: int):
     """The inputs (rows x ``input_width``) of every MLP (nn.Sequential starting with a Linear layer that takes
-    ``input_width`` values) called in eval mode while the block runs, in call order: what a decoder is given when
-    a picture or a sample is made, in this process (the in-process CLI included). Training steps run the modules
+    ``input_width`` values) called in eval mode while the block runs, in call order: what a decoder is given
+    when
+    a picture or a sample is made, in this process (the in-process CLI included). Training steps run the
+    modules
     in train mode and are not recorded."""
     seen: list[torch.Tensor] = []
 
     def hook(module, args):
-        if (isinstance(module, nn.Sequential) and not module.training and len(module)
-                and isinstance(module[0], nn.Linear) and module[0].in_features == input_width and args
-                and isinstance(args[0], torch.Tensor)):
+        if (
+            isinstance(module, nn.Sequential)
+            and not module.training
+            and len(module)
+            and isinstance(module[0], nn.Linear)
+            and module[0].in_features == input_width
+            and args
+            and isinstance(args[0], torch.Tensor)
+        ):
             seen.append(args[0].detach().float().cpu().clone())
 
     handle = nn.modules.module.register_module_forward_pre_hook(hook)

@@ -7,12 +7,14 @@ import shutil
 
 import pytest
 import torch
+from helpers_promises import as_grid, component_of, decoder_inputs, far_from_centre, read_grid, same_picture
+from safetensors.torch import load_file
 
 import aaekit
-from safetensors.torch import load_file
 from aaekit.errors import UserError
-from conftest import TINY, aaekit as run_cli, tiny_run_args, two_code_recipe
-from helpers_promises import as_grid, component_of, decoder_inputs, far_from_centre, read_grid, same_picture
+from conftest import TINY, tiny_run_args, two_code_recipe
+from conftest import aaekit as run_cli
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -22,11 +24,17 @@ def trained(tmp_path_factory):
     from aaekit.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("api")
-    two_code_recipe(tmp / "semi.toml", run={"name": "api_semi", "seed": 3}, data={"name": "mnist", "labelled": 100},
-                    encoder={"name": "gaussian", "hidden": [32]},
-                    decoder={"hidden": [32], "output": "sigmoid", "loss": "bce"})
+    two_code_recipe(
+        tmp / "semi.toml",
+        run={"name": "api_semi", "seed": 3},
+        data={"name": "mnist", "labelled": 100},
+        encoder={"name": "gaussian", "hidden": [32]},
+        decoder={"hidden": [32], "output": "sigmoid", "loss": "bce"},
+    )
     registry = get_registry()
-    recipe = load_recipe(tmp / "semi.toml", [o for o in TINY if not o.startswith(("encoder.", "decoder."))], registry)
+    recipe = load_recipe(
+        tmp / "semi.toml", [o for o in TINY if not o.startswith(("encoder.", "decoder."))], registry
+    )
     run_dir = tmp / "run"
     run_dir.mkdir()
     (run_dir / "recipe.toml").write_text(recipe.dumps())
@@ -39,8 +47,13 @@ def trained(tmp_path_factory):
         codes = model.encoder(x.reshape(6, -1))
         decoded = model.to_data_space(model.decoder(model.decoder_input(codes, None)).float())
         sampled = model.sample(5, torch.tensor([0, 1, 2, 3, 4]), torch.Generator().manual_seed(7))
-    return run_dir, {"x": x, "codes": codes, "decoded": decoded.reshape(6, 28, 28), "sampled": sampled,
-                     "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    return run_dir, {
+        "x": x,
+        "codes": codes,
+        "decoded": decoded.reshape(6, 28, 28),
+        "sampled": sampled,
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
 
 
 def test_load_round_trip_matches_the_trained_model(trained):
@@ -57,7 +70,8 @@ def test_load_round_trip_matches_the_trained_model(trained):
     with decoder_inputs(10 + 2) as seen:  # y, z
         sampled = run.sample(5, labels=[0, 1, 2, 3, 4], seed=7)
     torch.testing.assert_close(sampled, ref["sampled"], rtol=0, atol=0)
-    # and what both sampled is the labels' own: y is their one-hot (the categorical prior's component per class)
+    # and what both sampled is the labels' own: y is their one-hot (the categorical prior's component per
+    # class)
     assert torch.equal(seen[0][:, :10], torch.eye(10)[:5])
     # uint8 pixels are scaled as in training
     pixels = (ref["x"] * 255).round().to(torch.uint8)
@@ -154,7 +168,8 @@ def test_sample_labels_land_on_their_component(cli_run):
 
 
 def test_interpolation_walks_between_draws_of_the_rows_label(cli_run):
-    """interpolate(n, steps, labels): row i walks in a straight line, in even steps, between two draws of label
+    """interpolate(n, steps, labels): row i walks in a straight line, in even steps, between two draws of
+    label
     i's arm, and the images are those points decoded."""
     run = aaekit.load(cli_run)
     labels = torch.arange(10).repeat(3)
@@ -180,8 +195,9 @@ def test_sample_and_interpolate_pngs_are_the_decoded_draws_of_the_labels(cli_run
     run = aaekit.load(cli_run)
     out = tmp_path / "labels.png"
     with decoder_inputs(2) as seen:
-        result = run_cli("sample", str(cli_run), "--labels", "3,7", "-n", "40", "--seed", "5",
-                         "--out", str(out))
+        result = run_cli(
+            "sample", str(cli_run), "--labels", "3,7", "-n", "40", "--seed", "5", "--out", str(out)
+        )
     assert result.returncode == 0, result.stderr
     (z,) = seen
     columns = torch.tensor([3, 7]).repeat(40)  # row-major: (row 0: 3, 7), (row 1: 3, 7), ...
@@ -191,8 +207,19 @@ def test_sample_and_interpolate_pngs_are_the_decoded_draws_of_the_labels(cli_run
 
     walk = tmp_path / "walk.png"
     with decoder_inputs(2) as seen:
-        result = run_cli("sample", str(cli_run), "--interpolate", "--labels", "2,5", "-n", "20", "--steps", "4",
-                         "--out", str(walk))
+        result = run_cli(
+            "sample",
+            str(cli_run),
+            "--interpolate",
+            "--labels",
+            "2,5",
+            "-n",
+            "20",
+            "--steps",
+            "4",
+            "--out",
+            str(walk),
+        )
     assert result.returncode == 0, result.stderr
     (points,) = seen
     ends = points.reshape(20, 4, 2)[:, [0, -1]].reshape(40, 2)
@@ -239,8 +266,18 @@ def test_gaussian_posterior_samples_while_training_and_gives_its_mean_when_evalu
 def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):
     out = tmp_path / "parzen.json"
     # no --metric: a model with one continuous code is scored by its likelihood
-    result = run_cli("eval", str(cli_run), "-n", "500", "--test-limit", "200",
-                     "--sigmas", "0.1,0.2,0.4,0.8,1.6", "--output", str(out))
+    result = run_cli(
+        "eval",
+        str(cli_run),
+        "-n",
+        "500",
+        "--test-limit",
+        "200",
+        "--sigmas",
+        "0.1,0.2,0.4,0.8,1.6",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report == json.loads(out.read_text()) and report["metric"] == "parzen"
@@ -252,7 +289,10 @@ def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):
         fine = report["sigma_fine_grid"]
         assert report["sigma_grid"][best] in fine and report["sigma"] in fine
         assert report["sigma_grid"][best - 1] <= report["sigma"] <= report["sigma_grid"][best + 1]
-        assert report["sigma"] == fine[max(range(len(fine)), key=report["validation_log_likelihood_fine"].__getitem__)]
+        assert (
+            report["sigma"]
+            == fine[max(range(len(fine)), key=report["validation_log_likelihood_fine"].__getitem__)]
+        )
     else:
         assert report["sigma"] == report["sigma_grid"][best]
     assert report["standard_error"] > 0 and -5000 < report["log_likelihood"] < 1000
@@ -263,7 +303,10 @@ def test_eval_parzen_and_corrupt_weights_through_the_cli(cli_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cli_run, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-    for args in (["eval", str(broken), "-n", "10"], ["sample", str(broken), "--out", str(tmp_path / "x.png")]):
+    for args in (
+        ["eval", str(broken), "-n", "10"],
+        ["sample", str(broken), "--out", str(tmp_path / "x.png")],
+    ):
         bad = run_cli(*args)
         assert bad.returncode == 2
         assert "model.safetensors: corrupt or unreadable" in bad.stderr and "Traceback" not in bad.stderr
@@ -277,8 +320,12 @@ def test_log_with_tensorboard_logs_the_metrics_of_metrics_jsonl(tmp_path):
     from conftest import aaekit_process
 
     run = tmp_path / "tb"
-    result = aaekit_process(*tiny_run_args("recipes/gaussian.toml", run, "train.pictures=false"),
-                            "--log-with", "tensorboard", timeout=300)
+    result = aaekit_process(
+        *tiny_run_args("recipes/gaussian.toml", run, "train.pictures=false"),
+        "--log-with",
+        "tensorboard",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     scalars: dict[str, list] = {}
@@ -295,9 +342,18 @@ def test_log_with_tensorboard_logs_the_metrics_of_metrics_jsonl(tmp_path):
 
 def test_eval_and_load_from_a_checkpoint_of_an_unfinished_run(tmp_path):
     run_dir = tmp_path / "semi"
-    done = run_cli(*tiny_run_args("recipes/semisupervised_100.toml", run_dir, "train.max_steps=6",
-                                  "train.checkpoint_every=1", "train.keep_checkpoints=4", "train.pictures=false",
-                                  "data.validation=0", "data.labelled=40"))
+    done = run_cli(
+        *tiny_run_args(
+            "recipes/semisupervised_100.toml",
+            run_dir,
+            "train.max_steps=6",
+            "train.checkpoint_every=1",
+            "train.keep_checkpoints=4",
+            "train.pictures=false",
+            "data.validation=0",
+            "data.labelled=40",
+        )
+    )
     assert done.returncode == 0, done.stderr
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == [f"step-0000000{i}" for i in (3, 4, 5, 6)], kept  # the newest four (the last at the end)
@@ -305,8 +361,10 @@ def test_eval_and_load_from_a_checkpoint_of_an_unfinished_run(tmp_path):
     assert early.weights_path == run_dir / "checkpoints" / "step-00000003" / "model.safetensors"
     w = "encoder.outputs.y.weight"
     assert not torch.equal(final.model.state_dict()[w], early.model.state_dict()[w])
-    assert torch.equal(aaekit.load(run_dir, checkpoint="step-00000004").model.state_dict()[w],
-                       load_file(run_dir / "checkpoints" / "step-00000004" / "model.safetensors")[w])
+    assert torch.equal(
+        aaekit.load(run_dir, checkpoint="step-00000004").model.state_dict()[w],
+        load_file(run_dir / "checkpoints" / "step-00000004" / "model.safetensors")[w],
+    )
 
     result = run_cli("eval", str(run_dir), "--checkpoint", "3", "--test-limit", "200", "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -315,7 +373,8 @@ def test_eval_and_load_from_a_checkpoint_of_an_unfinished_run(tmp_path):
     assert wrong.returncode == 2 and "no checkpoint '7'" in wrong.stderr and "step-00000004" in wrong.stderr
     assert "Traceback" not in wrong.stderr
 
-    # A crashed run: no final weights. The message points at --checkpoint; "latest" skips a truncated newest one.
+    # A crashed run: no final weights. The message points at --checkpoint; "latest" skips a truncated newest
+    # one.
     (run_dir / "model.safetensors").unlink()
     crashed = run_cli("eval", str(run_dir), "--device", "cpu")
     assert crashed.returncode == 2 and "--checkpoint latest" in crashed.stderr

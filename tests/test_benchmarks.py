@@ -37,13 +37,19 @@ def test_throughput_quick_writes_every_figure(tmp_path, capsys):
     for name, r in report["results"].items():  # where the time goes: every category, adding up to the step
         split = r["time_breakdown"]["ms_per_step"]
         assert set(split) == {"matmul", "optimizer", "casts", "data", "other_ops", "autograd", "python"}, name
-        assert all(v >= 0 for v in split.values()) and split["matmul"] > 0 and split["optimizer"] > 0, (name, split)
+        assert all(v >= 0 for v in split.values()) and split["matmul"] > 0 and split["optimizer"] > 0, (
+            name,
+            split,
+        )
         # the operators' own (self) times are disjoint spans of the profiled steps: together at most the step
-        # ("python", the rest, is what remains of it; counting a span's children in it as well would exceed it)
+        # ("python", the rest, is what remains of it; counting a span's children in it as well would exceed
+        # it)
         measured = sum(v for category, v in split.items() if category != "python")
         assert measured <= 1.01 * r["time_breakdown"]["profiled_step_ms"], (name, split, r["time_breakdown"])
     assert report["results"]["plain_fp32"]["time_breakdown"]["ms_per_step"]["data"] > 0  # its DataLoader
-    assert report["results"]["aaekit_fp32"]["time_breakdown"]["ms_per_step"]["data"] == 0  # an index, no loader
+    assert (
+        report["results"]["aaekit_fp32"]["time_breakdown"]["ms_per_step"]["data"] == 0
+    )  # an index, no loader
     assert "bfloat16" in report["results"]["aaekit_bf16"]["matmul_dtypes"]
     assert {"aaekit_fp32_vs_plain_fp32", "aaekit_bf16_vs_plain_fp32"} <= set(report["speedups"])
     curve = report["bf16_loss_curve"]
@@ -84,8 +90,9 @@ def test_reproduce_parallel_keeps_the_table_order_and_every_row(tmp_path):
     both in the table's order whichever finished first."""
     reproduce = script("reproduce")
     chosen = ["semisupervised_all", "likelihood"]  # given out of table order on purpose
-    args = (["--quick", "--parallel", "2", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
-            + [a for k in chosen for a in ("--only", k)])
+    args = ["--quick", "--parallel", "2", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")] + [
+        a for k in chosen for a in ("--only", k)
+    ]
     assert reproduce.main(args) == 0
     report = json.loads((tmp_path / "reproduce.json").read_text())
     assert [r["experiment"] for r in report["experiments"]] == ["likelihood", "semisupervised_all"]
@@ -94,14 +101,30 @@ def test_reproduce_parallel_keeps_the_table_order_and_every_row(tmp_path):
 
 
 def test_reproduce_seeds_reports_the_mean_and_every_seed(tmp_path):
-    """--seeds 2: the experiment is trained with run.seed 0 and 1 (two runs, two folders) and the table gives the
+    """--seeds 2: the experiment is trained with run.seed 0 and 1 (two runs, two folders) and the table gives
+    the
     mean of their numbers with each seed's."""
     import statistics
+
     import tomllib
 
     reproduce = script("reproduce")
-    assert reproduce.main(["--quick", "--seeds", "2", "--only", "cluster16", "--results", str(tmp_path),
-                           "--runs", str(tmp_path / "runs")]) == 0
+    assert (
+        reproduce.main(
+            [
+                "--quick",
+                "--seeds",
+                "2",
+                "--only",
+                "cluster16",
+                "--results",
+                str(tmp_path),
+                "--runs",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads((tmp_path / "reproduce.json").read_text())["experiments"]
     assert row["status"] == "ok" and [s["seed"] for s in row["seeds"]] == [0, 1]
     numbers = [s["aaekit"] for s in row["seeds"]]

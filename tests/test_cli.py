@@ -6,9 +6,8 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, aaekit, aaekit_process
-
 import aaekit as package
+from conftest import ROOT, aaekit, aaekit_process
 
 
 def test_version_and_module_entry():
@@ -17,11 +16,14 @@ def test_version_and_module_entry():
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from aaekit.cli import cli\n"
-            "try:\n    cli.main(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-            "for cmd in ('run', 'validate', 'plugins'):\n"
-            "    try:\n        cli.main([cmd, '--help'], standalone_mode=False)\n    except SystemExit:\n        pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported by --help'\n")
+    code = (
+        "import sys; from aaekit.cli import cli\n"
+        "try:\n    cli.main(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "for cmd in ('run', 'validate', 'plugins'):\n"
+        "    try:\n        cli.main([cmd, '--help'], standalone_mode=False)\n    except SystemExit:\n        "
+        "pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
@@ -30,20 +32,25 @@ SUMMARY = re.compile(r"\d+ problem\(s\) found; nothing was run\.")
 
 
 def test_user_mistakes_exit_2_without_traceback(tmp_path):
-    """Each mistake: exit status 2 and, on stderr, exactly one `error: ...` line per problem, naming it (a recipe's
+    """Each mistake: exit status 2 and, on stderr, exactly one `error: ...` line per problem, naming it (a
+    recipe's
     problems are followed by their count), and nothing else: no traceback, no second line."""
     gaussian = str(ROOT / "recipes" / "gaussian.toml")
     cases = [
         (("run", str(tmp_path / "missing.toml")), [f"{tmp_path / 'missing.toml'}: recipe file not found"]),
         (("run", gaussian, "train.epochs"), ["override 'train.epochs': expected KEY=VALUE"]),
         (("run", gaussian, "codes.z.prior.name=nope"), ["codes.z.prior.name=nope", "unknown prior 'nope'"]),
-        (("run", gaussian, "--plugins-dir", str(tmp_path / "no-such-dir")),
-         [f"--plugins-dir {tmp_path / 'no-such-dir'}: not a directory"]),
+        (
+            ("run", gaussian, "--plugins-dir", str(tmp_path / "no-such-dir")),
+            [f"--plugins-dir {tmp_path / 'no-such-dir'}: not a directory"],
+        ),
         (("validate", str(ROOT / "README.md")), [f"{ROOT / 'README.md'}: not valid TOML"]),
         (("run", gaussian, "--resume", "--output-dir", str(tmp_path / "none")), ["holds no run to resume"]),
         (("eval", str(tmp_path / "nowhere")), [f"{tmp_path / 'nowhere'}: no such run directory"]),
-        (("sample", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")),
-         [f"{tmp_path / 'nowhere'}: no such run directory"]),
+        (
+            ("sample", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")),
+            [f"{tmp_path / 'nowhere'}: no such run directory"],
+        ),
     ]
     for args, fragments in cases:
         out = aaekit(*args)
@@ -65,23 +72,46 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path):
 
 
 def test_unknown_plugin_in_recipe_names_file_key_and_choices(tmp_path):
-    out = aaekit("run", str(ROOT / "recipes" / "gaussian.toml"), "encoder.name=gausian", "--output-dir", str(tmp_path / "r"))
+    out = aaekit(
+        "run",
+        str(ROOT / "recipes" / "gaussian.toml"),
+        "encoder.name=gausian",
+        "--output-dir",
+        str(tmp_path / "r"),
+    )
     assert out.returncode == 2
-    assert ("command-line override 'encoder.name=gausian' (applied to " in out.stderr
-            and "recipes/gaussian.toml): encoder.name: unknown posterior 'gausian' (did you mean 'gaussian'?)"
-            in out.stderr)
+    assert (
+        "command-line override 'encoder.name=gausian' (applied to " in out.stderr
+        and "recipes/gaussian.toml): encoder.name: unknown posterior 'gausian' (did you mean 'gaussian'?)"
+        in out.stderr
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_missing_mnist_is_a_clear_error(tmp_path):
-    out = aaekit("run", str(ROOT / "recipes" / "gaussian.toml"), f"data.path={tmp_path}", "train.max_steps=1",
-                 "--output-dir", str(tmp_path / "r"))
+    out = aaekit(
+        "run",
+        str(ROOT / "recipes" / "gaussian.toml"),
+        f"data.path={tmp_path}",
+        "train.max_steps=1",
+        "--output-dir",
+        str(tmp_path / "r"),
+    )
     assert out.returncode == 2 and "data.path" in out.stderr and "idx" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_validation_split_larger_than_the_data_is_a_clear_error(tmp_path):
-    out = aaekit("run", str(ROOT / "recipes" / "gaussian.toml"), "data.limit=100", "data.validation=100",
-                 "--output-dir", str(tmp_path / "r"))
+    out = aaekit(
+        "run",
+        str(ROOT / "recipes" / "gaussian.toml"),
+        "data.limit=100",
+        "data.validation=100",
+        "--output-dir",
+        str(tmp_path / "r"),
+    )
     assert out.returncode == 2, out.stderr
-    assert "data.validation: 100 held out of a training split of 100" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        "data.validation: 100 held out of a training split of 100" in out.stderr
+        and "Traceback" not in out.stderr
+    )

@@ -58,8 +58,12 @@ def test_cluster_heads_output_and_penalty_by_hand():
     from aaekit.contracts import CodeSpec
     from aaekit_builtins.heads import ClusterHeadsHead
 
-    head = ClusterHeadsHead(codes=[CodeSpec("y", "categorical", 3), CodeSpec("z", "continuous", 2)],
-                            num_classes=3, eta=2.0, weight=0.5)
+    head = ClusterHeadsHead(
+        codes=[CodeSpec("y", "categorical", 3), CodeSpec("z", "continuous", 2)],
+        num_classes=3,
+        eta=2.0,
+        weight=0.5,
+    )
     with torch.no_grad():
         head.heads.copy_(torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]]))
     y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
@@ -80,20 +84,43 @@ def test_short_clustering_run_beats_a_random_assignment(tmp_path):
 
     adam = {"name": "adam", "lr": 0.001, "betas": [0.5, 0.999]}
     recipe = tmp_path / "mixture_clusters.toml"
-    recipe.write_text(dump_toml({
-        "run": {"seed": 0}, "data": {"name": "mixture", "components": 4, "std": 0.3, "train_size": 2000},
-        "encoder": {"name": "deterministic", "hidden": [64, 64]},
-        "decoder": {"hidden": [64, 64], "output": "linear", "loss": "mse"},
-        "codes": {"y": {"kind": "categorical", "dim": 4, "prior": {"name": "categorical"},
-                        "discriminator": {"hidden": [32]}},
-                  "z": {"dim": 1, "prior": {"name": "gaussian"}, "discriminator": {"hidden": [32]}}},
-        "optim": {"reconstruction": {"name": "adam", "lr": 0.001}, "discriminator": adam, "generator": adam},
-        "train": {"batch_size": 50, "max_steps": 400, "log_every": 100, "pictures": False, "checkpoint_every": 0},
-    }))
+    recipe.write_text(
+        dump_toml(
+            {
+                "run": {"seed": 0},
+                "data": {"name": "mixture", "components": 4, "std": 0.3, "train_size": 2000},
+                "encoder": {"name": "deterministic", "hidden": [64, 64]},
+                "decoder": {"hidden": [64, 64], "output": "linear", "loss": "mse"},
+                "codes": {
+                    "y": {
+                        "kind": "categorical",
+                        "dim": 4,
+                        "prior": {"name": "categorical"},
+                        "discriminator": {"hidden": [32]},
+                    },
+                    "z": {"dim": 1, "prior": {"name": "gaussian"}, "discriminator": {"hidden": [32]}},
+                },
+                "optim": {
+                    "reconstruction": {"name": "adam", "lr": 0.001},
+                    "discriminator": adam,
+                    "generator": adam,
+                },
+                "train": {
+                    "batch_size": 50,
+                    "max_steps": 400,
+                    "log_every": 100,
+                    "pictures": False,
+                    "checkpoint_every": 0,
+                },
+            }
+        )
+    )
     run = tmp_path / "run"
     done = aaekit("run", str(recipe), "--output-dir", str(run))
     assert done.returncode == 0, done.stderr
-    result = aaekit("eval", str(run), "--device", "cpu")  # no labels, a categorical code: clustering by default
+    result = aaekit(
+        "eval", str(run), "--device", "cpu"
+    )  # no labels, a categorical code: clustering by default
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     assert got["metric"] == "clustering"
@@ -108,12 +135,14 @@ def test_short_clustering_run_beats_a_random_assignment(tmp_path):
 
 
 def test_cluster16_recipe_runs_and_draws_one_row_per_cluster(tmp_path):
-    """clusters.png (the paper's Figure 9): row k holds the first 20 test images that the trained model assigns
+    """clusters.png (the paper's Figure 9): row k holds the first 20 test images that the trained model
+    assigns
     to cluster k (argmax q(y|x)), in test-set order, the rest of the row black."""
+    from helpers_promises import as_grid, read_grid, same_picture
+
     import aaekit as api
     from aaekit.data import DeviceData
     from aaekit.evaluation.validation import encode_split
-    from helpers_promises import as_grid, read_grid, same_picture
 
     run = tmp_path / "cluster16"
     done = aaekit(*tiny_run_args("recipes/cluster16.toml", run))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ROOT, TINY, prepared_trainer
-
 from aaekit.cpu import set_flush_denormals
+from conftest import ROOT, TINY, prepared_trainer
 
 TINY_VALUE = 1e-30  # times 1e-10 gives 1e-40: a denormal in fp32
 

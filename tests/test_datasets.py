@@ -31,8 +31,14 @@ def table(n: int = 60, seed: int = 0):
     import pandas as pd
 
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"a": rng.normal(size=n), "b": rng.uniform(-5, 5, size=n),
-                         "c": rng.integers(0, 100, size=n), "label": rng.integers(0, 3, size=n)})
+    return pd.DataFrame(
+        {
+            "a": rng.normal(size=n),
+            "b": rng.uniform(-5, 5, size=n),
+            "c": rng.integers(0, 100, size=n),
+            "label": rng.integers(0, 3, size=n),
+        }
+    )
 
 
 def load_both(**params):
@@ -48,8 +54,10 @@ def test_every_table_format_gives_the_same_tensors(tmp_path):
     frame.to_parquet(tmp_path / "t.parquet")
     frame.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
     datasets.Dataset.from_pandas(frame, preserve_index=False).save_to_disk(str(tmp_path / "saved"))
-    results = [load_both(source=str(tmp_path / name), label="label", scale="standardize")
-               for name in ("t.csv", "t.parquet", "t.jsonl", "saved")]
+    results = [
+        load_both(source=str(tmp_path / name), label="label", scale="standardize")
+        for name in ("t.csv", "t.parquet", "t.jsonl", "saved")
+    ]
     ds, train, test = results[0]
     assert ds.input_shape == (3,) and ds.num_classes == 3 and ds.value_range == (-math.inf, math.inf)
     assert (len(train), len(test)) == (48, 12)
@@ -58,9 +66,12 @@ def test_every_table_format_gives_the_same_tensors(tmp_path):
         torch.testing.assert_close(other_test.x, test.x)
         assert torch.equal(other_train.y, train.y) and torch.equal(other_test.y, test.y)
     # standardised with the train split's own statistics
-    torch.testing.assert_close(train.x.double().mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(train.x.double().std(0, unbiased=False), torch.ones(3, dtype=torch.float64),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        train.x.double().mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        train.x.double().std(0, unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0
+    )
     # the same rows as the file, in file order; the held-out rows are a seeded choice (split_seed 0)
     raw = torch.tensor(frame[["a", "b", "c"]].to_numpy(), dtype=torch.float64)
     is_test = torch.zeros(60, dtype=torch.bool)
@@ -89,8 +100,12 @@ def test_images_from_a_folder_and_from_saved_arrow_agree(tmp_path):
         for p in sorted((tmp_path / "images" / cls).glob("*.png")):
             paths.append(str(p))
             labels.append(["cat", "dog"].index(cls))
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
-    datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features).save_to_disk(str(tmp_path / "saved"))
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}
+    )
+    datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features).save_to_disk(
+        str(tmp_path / "saved")
+    )
 
     folder, f_train, f_test = load_both(source=str(tmp_path / "images"), label="label", test_fraction=0.25)
     saved, s_train, s_test = load_both(source=str(tmp_path / "saved"), label="label", test_fraction=0.25)
@@ -98,8 +113,9 @@ def test_images_from_a_folder_and_from_saved_arrow_agree(tmp_path):
     assert f_train.x.dtype == torch.uint8 and f_train.x.shape == (9, 6, 5)
     assert torch.equal(f_train.x, s_train.x) and torch.equal(f_test.x, s_test.x)
     assert torch.equal(f_train.y, s_train.y)
-    flat = HFDataset(source=str(tmp_path / "images"), label="label", flatten=True, image_size=[3, 4],
-                       test_fraction=0.25)
+    flat = HFDataset(
+        source=str(tmp_path / "images"), label="label", flatten=True, image_size=[3, 4], test_fraction=0.25
+    )
     assert flat.input_shape == (12,) and flat.load("train").x.shape == (9, 12)
 
 
@@ -151,16 +167,19 @@ def write(path, text):
     return path
 
 
-@pytest.mark.parametrize("content, params, words", [
-    ("a,b\n1,2\n3,4\n", {"columns": ["a", "zz"]}, ["'zz'", "no column"]),
-    ("a,b\n1,x\n3,y\n", {"columns": ["a", "b"]}, ["'b'", "not numeric"]),
-    ("a,b\n1,2\n,4\n", {}, ["'a'", "NaN"]),
-    ("a,b\n", {}, ["empty"]),
-    ("a,b\n1,2\n3,4\n", {"label": "lab"}, ["'lab'", "no column"]),
-    # a number column with one bad cell is a number column (by default or listed), and the cell is named
-    ("a,b\n1,2\nn/a?,4\n3,5\n", {}, ["row 2", "'a'", "'n/a?'", 'data.missing = "drop"']),
-    ("a,b\n1,2\n3,4\n5,oops\n", {"columns": ["b"]}, ["row 3", "'b'", "'oops'", 'data.missing = "drop"']),
-])
+@pytest.mark.parametrize(
+    "content, params, words",
+    [
+        ("a,b\n1,2\n3,4\n", {"columns": ["a", "zz"]}, ["'zz'", "no column"]),
+        ("a,b\n1,x\n3,y\n", {"columns": ["a", "b"]}, ["'b'", "not numeric"]),
+        ("a,b\n1,2\n,4\n", {}, ["'a'", "NaN"]),
+        ("a,b\n", {}, ["empty"]),
+        ("a,b\n1,2\n3,4\n", {"label": "lab"}, ["'lab'", "no column"]),
+        # a number column with one bad cell is a number column (by default or listed), and the cell is named
+        ("a,b\n1,2\nn/a?,4\n3,5\n", {}, ["row 2", "'a'", "'n/a?'", 'data.missing = "drop"']),
+        ("a,b\n1,2\n3,4\n5,oops\n", {"columns": ["b"]}, ["row 3", "'b'", "'oops'", 'data.missing = "drop"']),
+    ],
+)
 def test_bad_tables_are_refused_by_name(tmp_path, content, params, words):
     csv = write(tmp_path / "bad.csv", content)
     with pytest.raises(UserError) as caught:
@@ -183,10 +202,18 @@ def test_mixed_shapes_are_refused(tmp_path):
     with pytest.raises(UserError, match="mixed shapes.*image_size"):
         HFDataset(source=str(tmp_path / "imgs"))
     # equal-length list columns are vectors; NaN rows can be dropped on request
-    write(tmp_path / "lists.jsonl", '{"v": [1, 2], "w": 1}\n{"v": [3, 4], "w": null}\n{"v": [5, 6], "w": 3}\n'
-                                    '{"v": [7, 8], "w": 4}\n{"v": [9, 0], "w": 5}\n')
-    ds = HFDataset(source=str(tmp_path / "lists.jsonl"), columns=["v", "w"], missing="drop", scale="none",
-                   test_fraction=0.25)
+    write(
+        tmp_path / "lists.jsonl",
+        '{"v": [1, 2], "w": 1}\n{"v": [3, 4], "w": null}\n{"v": [5, 6], "w": 3}\n'
+        '{"v": [7, 8], "w": 4}\n{"v": [9, 0], "w": 5}\n',
+    )
+    ds = HFDataset(
+        source=str(tmp_path / "lists.jsonl"),
+        columns=["v", "w"],
+        missing="drop",
+        scale="none",
+        test_fraction=0.25,
+    )
     assert ds.input_shape == (3,) and ds.meta["dropped"]["train"] == 1
     assert len(ds.load("train")) + len(ds.load("test")) == 4
 
@@ -226,8 +253,12 @@ def test_decoder_output_is_checked_against_the_data_range(tmp_path):
     assert 'decoder.output: "sigmoid"' in text and 'output = "linear"' in text
     good = write(tmp_path / "good.toml", recipe_text(csv, 'scale = "unit"', "sigmoid", "bce"))
     assert load_recipe(good).values["data"]["source"] == str(csv)
-    toy = write(tmp_path / "toy.toml", recipe_text(csv).replace('name = "hf"', 'name = "rings"')
-                .replace(f'source = "{csv}"\nlabel = "label"', ""))
+    toy = write(
+        tmp_path / "toy.toml",
+        recipe_text(csv)
+        .replace('name = "hf"', 'name = "rings"')
+        .replace(f'source = "{csv}"\nlabel = "label"', ""),
+    )
     assert load_recipe(toy, ["decoder.output=linear"]).values["data"]["name"] == "rings"
     with pytest.raises(RecipeError, match="decoder.output"):
         load_recipe(toy, ["decoder.output=sigmoid"])
@@ -256,8 +287,17 @@ def test_a_csv_trains_streamed_and_evaluates(tmp_path):
     frame.to_csv(csv, index=False)
     recipe = write(tmp_path / "mine.toml", recipe_text(csv, 'scale = "standardize"\nvalidation = 20'))
     out = tmp_path / "run"
-    result = aaekit("run", str(recipe), "train.batch_size=16", "train.max_steps=8", "train.log_every=4",
-                    "data.in_memory=false", "train.checkpoint_every=0", "--output-dir", str(out))
+    result = aaekit(
+        "run",
+        str(recipe),
+        "train.batch_size=16",
+        "train.max_steps=8",
+        "train.log_every=4",
+        "data.in_memory=false",
+        "train.checkpoint_every=0",
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     assert "streamed" in result.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -282,12 +322,20 @@ def test_mnist_cache_hit_gives_the_idx_files_tensors_without_importing_datasets(
     cached = MNIST().load("test")
     raw_x, raw_y = (read_idx(find_local("") / f) for f in FILES["test"])
     for data in (fresh, cached):
-        assert torch.equal(data.x, torch.from_numpy(raw_x.copy())) and torch.equal(data.y, torch.from_numpy(raw_y.astype(np.int64)))
-    probe = ("import sys; from aaekit_builtins.datasets import MNIST; d = MNIST().load('test'); "
-             "print(len(d), 'datasets' in sys.modules)")
+        assert torch.equal(data.x, torch.from_numpy(raw_x.copy())) and torch.equal(
+            data.y, torch.from_numpy(raw_y.astype(np.int64))
+        )
+    probe = (
+        "import sys; from aaekit_builtins.datasets import MNIST; d = MNIST().load('test'); "
+        "print(len(d), 'datasets' in sys.modules)"
+    )
     for cache in ("cache", "cache", "fresh-cache", "fresh-cache"):  # a hit, then a conversion and its hit
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                             env={**os.environ, "AAEKIT_CACHE_DIR": str(tmp_path / cache)})
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "AAEKIT_CACHE_DIR": str(tmp_path / cache)},
+        )
         assert out.stdout.split() == ["10000", "False"], out.stderr[-2000:]
     (cached_file,) = (tmp_path / "fresh-cache" / "mnist").iterdir()
     assert cached_file.name == next((tmp_path / "cache" / "mnist").iterdir()).name
@@ -307,7 +355,8 @@ FEATURES = [f"f{i}" for i in range(13)]
 
 
 def thirteen_column_csv(path, bad_row: int | None = None, n: int = 60):
-    """A table of 13 number columns f0..f12, a text column and a label; ``bad_row`` (0-based) of f7 says "n/a?"."""
+    """A table of 13 number columns f0..f12, a text column and a label; ``bad_row`` (0-based) of f7 says
+    "n/a?"."""
     import pandas as pd
 
     rng = np.random.default_rng(4)
@@ -329,11 +378,13 @@ def features_line(stdout: str) -> str:
 
 @pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "unlabelled"])
 @pytest.mark.parametrize("bad_row", [4, 40], ids=["first-chunk", "later-chunk"])
-def test_a_bad_cell_in_a_number_column_is_refused_by_file_column_row_and_value(tmp_path, monkeypatch, bad_row,
-                                                                              labelled):
+def test_a_bad_cell_in_a_number_column_is_refused_by_file_column_row_and_value(
+    tmp_path, monkeypatch, bad_row, labelled
+):
     """One "n/a?" among numbers: not a silently dropped column but one error naming where and what. With
     small chunks the cell lies in the first chunk (the column reads as text when columns are chosen) or in a
-    later one (the column was numbers so far); the row number counts across chunks, from 1 after the header."""
+    later one (the column was numbers so far); the row number counts across chunks, from 1 after the
+    header."""
     import aaekit_builtins.hf_datasets as hf
 
     monkeypatch.setattr(hf, "CHUNK_ROWS", 16)
@@ -341,8 +392,15 @@ def test_a_bad_cell_in_a_number_column_is_refused_by_file_column_row_and_value(t
     text = recipe_text(csv, 'scale = "standardize"')
     recipe = write(tmp_path / "bad.toml", text if labelled else text.replace('label = "label"\n', ""))
     out = tmp_path / "run"
-    result = aaekit("run", str(recipe), "train.max_steps=2", "train.log_every=1", "train.batch_size=16",
-                    "--output-dir", str(out))
+    result = aaekit(
+        "run",
+        str(recipe),
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.batch_size=16",
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 2, result.stderr[-3000:] + result.stdout[-2000:]
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -359,8 +417,16 @@ def test_dropping_bad_cells_keeps_all_features_and_says_how_many_rows_went(tmp_p
     csv = thirteen_column_csv(tmp_path / "measurements.csv", bad_row=9)
     recipe = write(tmp_path / "drop.toml", recipe_text(csv, 'scale = "standardize"\nmissing = "drop"'))
     out = tmp_path / "run"
-    result = aaekit("run", str(recipe), "train.max_steps=2", "train.log_every=1", "train.batch_size=16",
-                    "train.checkpoint_every=0", "--output-dir", str(out))
+    result = aaekit(
+        "run",
+        str(recipe),
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.batch_size=16",
+        "train.checkpoint_every=0",
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     line = features_line(result.stdout)
     assert line.startswith(f"data: features: {', '.join(FEATURES)};"), line
@@ -382,8 +448,11 @@ def test_default_columns_are_named_with_what_was_left_out(tmp_path, capsys):
     import pandas as pd
 
     frame = pd.read_csv(csv)
-    assert np.allclose(ds.load("train").x.numpy().sum() + ds.load("test").x.numpy().sum(),
-                       frame[FEATURES].to_numpy().sum(), atol=1e-3)
+    assert np.allclose(
+        ds.load("train").x.numpy().sum() + ds.load("test").x.numpy().sum(),
+        frame[FEATURES].to_numpy().sum(),
+        atol=1e-3,
+    )
     hf._prepared.clear()
     assert HFDataset(source=str(csv), label="label", scale="none").meta["dir"] == ds.meta["dir"]
     assert "data: features" not in capsys.readouterr().out
@@ -392,7 +461,8 @@ def test_default_columns_are_named_with_what_was_left_out(tmp_path, capsys):
 
 
 def test_a_folder_of_files_is_split_by_name_and_rows_are_counted_within_each_file(tmp_path, capsys):
-    """``datasets`` finds the splits (``train-*.csv``, ``test.csv``); each file is read on its own, so a bad cell
+    """``datasets`` finds the splits (``train-*.csv``, ``test.csv``); each file is read on its own, so a bad
+    cell
     is named by its file and its row there. Text labels are the train split's classes in sorted order (as
     datasets' ClassLabel numbers them); a test class the train split lacks is refused."""
     folder = tmp_path / "parts"
@@ -404,20 +474,27 @@ def test_a_folder_of_files_is_split_by_name_and_rows_are_counted_within_each_fil
         HFDataset(source=str(folder), label="lab")
     assert str(folder / "train-01.csv") in str(caught.value) and "row 2, column 'a': 'x'" in str(caught.value)
     ds = HFDataset(source=str(folder), label="lab", missing="drop", scale="none")
-    assert "data: dropped 1 of 6 rows of the train split, 0 of 2 rows of the test split" in capsys.readouterr().out
+    assert (
+        "data: dropped 1 of 6 rows of the train split, 0 of 2 rows of the test split"
+        in capsys.readouterr().out
+    )
     train, test = ds.load("train"), ds.load("test")
     assert ds.num_classes == 2 and ds.meta["class_names"] == ["a", "b"]
     assert train.x.ravel().tolist() == [1, 2, 3, 4, 6] and train.y.tolist() == [1, 0, 1, 0, 1]
     assert test.x.ravel().tolist() == [7, 8] and test.y.tolist() == [0, -1]  # an empty label: unlabelled
     write(folder / "test.csv", "a,lab\n7,a\n8,c\n")
-    with pytest.raises(UserError, match=r"test.csv: label column 'lab' has a class that the train split lacks"):
+    with pytest.raises(
+        UserError, match=r"test.csv: label column 'lab' has a class that the train split lacks"
+    ):
         HFDataset(source=str(folder), label="lab", missing="drop")
 
 
 def test_json_values_of_mixed_types_are_cells_of_text(tmp_path):
     """A JSON-lines field holding numbers and text: its text cells are bad numbers, named or dropped."""
-    source = write(tmp_path / "mixed.jsonl", '{"v": 1, "w": 2}\n{"v": "x", "w": 3}\n{"v": 2.5, "w": 3}\n'
-                                             '{"v": 3, "w": 4}\n{"v": 4, "w": 5}\n')
+    source = write(
+        tmp_path / "mixed.jsonl",
+        '{"v": 1, "w": 2}\n{"v": "x", "w": 3}\n{"v": 2.5, "w": 3}\n{"v": 3, "w": 4}\n{"v": 4, "w": 5}\n',
+    )
     with pytest.raises(UserError, match=r"mixed.jsonl: row 2, column 'v'"):
         HFDataset(source=str(source))
     ds = HFDataset(source=str(source), missing="drop", scale="none", test_fraction=0.25)

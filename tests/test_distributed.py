@@ -21,22 +21,48 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny nets: threads only contend on a shared machine
 
 
-def write_recipe(tmp_path: Path, steps: int, validation: int = 0, encoder: str = "universal",
-                 heads: dict | None = None, batch_norm: bool = False) -> Path:
+def write_recipe(
+    tmp_path: Path,
+    steps: int,
+    validation: int = 0,
+    encoder: str = "universal",
+    heads: dict | None = None,
+    batch_norm: bool = False,
+) -> Path:
     """Two codes, a universal posterior (eta noise), input noise and a partially labelled classifier head:
     every random stream of the engine is in use (batch order, labelled stream, prior samples, eta noise)."""
     return two_code_recipe(
-        tmp_path / "semi.toml", data={"limit": 400, "labelled": 60, "validation": validation},
-        encoder={"name": encoder, "hidden": [16], "input_noise": 0.3, "batch_norm": batch_norm,
-                 **({"noise_dim": 4} if encoder == "universal" else {})},
-        train={"batch_size": 20, "max_steps": steps, "log_every": 4, "checkpoint_every": 4}, heads=heads or {})
+        tmp_path / "semi.toml",
+        data={"limit": 400, "labelled": 60, "validation": validation},
+        encoder={
+            "name": encoder,
+            "hidden": [16],
+            "input_noise": 0.3,
+            "batch_norm": batch_norm,
+            **({"noise_dim": 4} if encoder == "universal" else {}),
+        },
+        train={"batch_size": 20, "max_steps": steps, "log_every": 4, "checkpoint_every": 4},
+        heads=heads or {},
+    )
 
 
 def launch_two_ranks(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` with two CPU processes over gloo, as the README tells users."""
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "aaekit", *args]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "aaekit",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -64,24 +90,41 @@ def assert_written_once(run_dir: Path, steps: int, log_every: int) -> None:
 
 # ---- multi-process data parallel ------------------------------------------------------------------
 
+
 def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path):
-    """Two codes, the classifier head (find_unused_parameters, classification phase on the labelled stream), the
-    cluster-heads head (§7) and a batch-normalised encoder (each rank updates the running statistics from its own
+    """Two codes, the classifier head (find_unused_parameters, classification phase on the labelled stream),
+    the
+    cluster-heads head (§7) and a batch-normalised encoder (each rank updates the running statistics from its
+    own
     slice: they must still end identical, and validation must use the same ones on both ranks)."""
     steps = 102  # 6 epochs of 17 steps: the last log line is an epoch end, with validation metrics
     # 41 items: uneven shards (21 + 20) to gather. A deterministic posterior here: the universal one draws eta
     # per shard during evaluation, so its validation numbers depend on how the split is sharded (see README).
     # The §7 cluster heads too: a head with weights of its own (W_c must stay identical as well).
-    recipe = write_recipe(tmp_path, steps, validation=41, encoder="deterministic",
-                          heads={"dimred": {"name": "cluster_heads", "code_y": "y", "code_z": "z"}}, batch_norm=True)
+    recipe = write_recipe(
+        tmp_path,
+        steps,
+        validation=41,
+        encoder="deterministic",
+        heads={"dimred": {"name": "cluster_heads", "code_y": "y", "code_z": "z"}},
+        batch_norm=True,
+    )
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
-    result = launch_two_ranks("run", str(recipe), "train.log_every=17", "--output-dir", str(run_dir),
-                              env={"AAEKIT_DUMP_RANKS": str(dump)})
+    result = launch_two_ranks(
+        "run",
+        str(recipe),
+        "train.log_every=17",
+        "--output-dir",
+        str(run_dir),
+        env={"AAEKIT_DUMP_RANKS": str(dump)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("run directory:") == 1  # only rank 0 announces (and creates) the run
     keys = assert_ranks_identical(dump)
     dumped = load_file(str(dump / "rank0.safetensors"))
-    assert any(k.startswith("discriminators.y.") for k in dumped) and any(k.startswith("heads.dimred.") for k in dumped)
+    assert any(k.startswith("discriminators.y.") for k in dumped) and any(
+        k.startswith("heads.dimred.") for k in dumped
+    )
     assert any(k.endswith("running_mean") for k in dumped)
     assert keys == len(load_file(str(run_dir / "model.safetensors")))
     assert_written_once(run_dir, steps, 17)
@@ -94,7 +137,9 @@ def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path
 
     loaded = aaekit.load(run_dir)
     data = loaded.recipe.values["data"]
-    dataset = loaded.registry.get("dataset", data["name"]).cls(**{k: v for k, v in data.items() if k not in CORE["data"]})
+    dataset = loaded.registry.get("dataset", data["name"]).cls(
+        **{k: v for k, v in data.items() if k not in CORE["data"]}
+    )
     _, validation = split_off(dataset.load("train"), 41, 3 + 1)  # the engine's split: seed + 1
     single = evaluate_split(loaded.model, DeviceData(validation, torch.device("cpu")))
     last = metric_lines(run_dir)[-1]
@@ -104,33 +149,51 @@ def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path
 
 
 def test_two_ranks_gmm_label_identical_only_rank0_writes(tmp_path):
-    """The label-conditioned GMM recipe (§2.3), pictures on, the training split streamed (data.in_memory = false:
+    """The label-conditioned GMM recipe (§2.3), pictures on, the training split streamed (data.in_memory =
+    false:
     each rank gathers only its own slice of every batch): every module identical on both ranks."""
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     steps = 100
     result = launch_two_ranks(
-        "run", str(ROOT / "recipes/gmm_label.toml"), "train.epochs=10", f"train.max_steps={steps}", "train.log_every=10",
-        "train.batch_size=20", "train.checkpoint_every=30", "encoder.hidden=[16]", "decoder.hidden=[16]",
-        "codes.z.discriminator.hidden=[16]", "data.limit=400", "data.in_memory=false", "--output-dir", str(run_dir),
-        env={"AAEKIT_DUMP_RANKS": str(dump)})
+        "run",
+        str(ROOT / "recipes/gmm_label.toml"),
+        "train.epochs=10",
+        f"train.max_steps={steps}",
+        "train.log_every=10",
+        "train.batch_size=20",
+        "train.checkpoint_every=30",
+        "encoder.hidden=[16]",
+        "decoder.hidden=[16]",
+        "codes.z.discriminator.hidden=[16]",
+        "data.limit=400",
+        "data.in_memory=false",
+        "--output-dir",
+        str(run_dir),
+        env={"AAEKIT_DUMP_RANKS": str(dump)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_ranks_identical(dump)
     assert "training split (400 x (28, 28) uint8) streamed from" in result.stdout, result.stdout[-2000:]
     assert_written_once(run_dir, steps, 10)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step-00000060", "step-00000090", "step-00000100"]
+        "step-00000060",
+        "step-00000090",
+        "step-00000100",
+    ]
     for picture in ("samples.png", "reconstructions.png", "latent.png"):
         assert (run_dir / picture).stat().st_size > 0
 
 
 def test_one_rank_raising_stops_every_rank(tmp_path):
     """Rank 1 fails at step 3 while rank 0 waits in a collective: the launcher ends both, non-zero, with the
-    failing rank's traceback; rank 0 trains no further (no log line, no checkpoint, no model). A hang would end
+    failing rank's traceback; rank 0 trains no further (no log line, no checkpoint, no model). A hang would
+    end
     in the subprocess's timeout, a failure of its own."""
     recipe = write_recipe(tmp_path, 40)
     run_dir = tmp_path / "run"
-    result = launch_two_ranks("run", str(recipe), "--output-dir", str(run_dir),
-                              env={"AAEKIT_TEST_RAISE_AT": "1:3"}, timeout=300)
+    result = launch_two_ranks(
+        "run", str(recipe), "--output-dir", str(run_dir), env={"AAEKIT_TEST_RAISE_AT": "1:3"}, timeout=300
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "rank 1 fails at step 3" in output and "Traceback" in output
@@ -141,8 +204,13 @@ def test_one_rank_raising_stops_every_rank(tmp_path):
 
 def test_several_processes_that_accelerate_does_not_join_are_refused(tmp_path):
     run_dir = tmp_path / "run"
-    result = aaekit("run", str(write_recipe(tmp_path, 4)), "--output-dir", str(run_dir),
-                    env={"WORLD_SIZE": "2", **ONE_THREAD})
+    result = aaekit(
+        "run",
+        str(write_recipe(tmp_path, 4)),
+        "--output-dir",
+        str(run_dir),
+        env={"WORLD_SIZE": "2", **ONE_THREAD},
+    )
     assert result.returncode == 2
     assert "WORLD_SIZE=2 but Accelerate sees a single process" in result.stderr
     assert "Traceback" not in result.stderr
@@ -151,19 +219,29 @@ def test_several_processes_that_accelerate_does_not_join_are_refused(tmp_path):
 
 # ---- mixed precision ------------------------------------------------------------------------------
 
+
 def test_bf16_trains_close_to_fp32(tmp_path):
-    """100 steps of the two-code schedule (universal posterior, input noise, the classification phase) in fp32 and
+    """100 steps of the two-code schedule (universal posterior, input noise, the classification phase) in
+    fp32 and
     in bf16 (on a CPU: bf16 weights with fp32 masters): bf16 learns what fp32 learns. Its reconstruction and
     classification losses drop by as much within 15 %, and every trained part ends near fp32's weights: their
-    distance is under a third of how far fp32's weights travelled from the initial ones both runs share (a bf16
+    distance is under a third of how far fp32's weights travelled from the initial ones both runs share (a
+    bf16
     layer that is not updated, or updated at another rate, ends about its whole travel away)."""
     steps = 100
     recipe = write_recipe(tmp_path, steps)
     lines, weights = {}, {}
     for precision in ("no", "bf16"):
         run_dir = tmp_path / precision
-        result = aaekit("run", str(recipe), f"run.mixed_precision={precision}", "train.log_every=20",
-                        "train.checkpoint_every=0", "--output-dir", str(run_dir))
+        result = aaekit(
+            "run",
+            str(recipe),
+            f"run.mixed_precision={precision}",
+            "train.log_every=20",
+            "train.checkpoint_every=0",
+            "--output-dir",
+            str(run_dir),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         lines[precision] = metric_lines(run_dir)
         weights[precision] = load_file(str(run_dir / "model.safetensors"))
@@ -194,6 +272,7 @@ def test_bf16_trains_close_to_fp32(tmp_path):
 
 # ---- exact resume and faults ----------------------------------------------------------------------
 
+
 def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path):
     steps = 40
     recipe = write_recipe(tmp_path, steps)
@@ -203,22 +282,42 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
 
     # 1. SIGKILL in the middle of writing checkpoint 12 (model file written, the rest not).
-    result = aaekit_process("run", str(recipe), "--output-dir", str(broken),
-                            env={"AAEKIT_TEST_KILL_IN_CHECKPOINT": "12", **ONE_THREAD})
+    result = aaekit_process(
+        "run",
+        str(recipe),
+        "--output-dir",
+        str(broken),
+        env={"AAEKIT_TEST_KILL_IN_CHECKPOINT": "12", **ONE_THREAD},
+    )
     assert result.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in (broken / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000008"]
+    assert sorted(p.name for p in (broken / "checkpoints").glob("step-*")) == [
+        "step-00000004",
+        "step-00000008",
+    ]
     assert list((broken / "checkpoints").glob(".tmp-step-00000012-*"))  # the half-written one, never picked
 
     # 2. Resume, then SIGKILL in the middle of the run, between checkpoints (at step 18).
-    result = aaekit_process("run", str(recipe), "--output-dir", str(broken), "--resume",
-                            env={"AAEKIT_TEST_SIGNAL_AT": "SIGKILL:18", **ONE_THREAD})
+    result = aaekit_process(
+        "run",
+        str(recipe),
+        "--output-dir",
+        str(broken),
+        "--resume",
+        env={"AAEKIT_TEST_SIGNAL_AT": "SIGKILL:18", **ONE_THREAD},
+    )
     assert result.returncode == -signal.SIGKILL
     assert max(p.name for p in (broken / "checkpoints").glob("step-*")) == "step-00000016"
 
     # 3. Resume, then Ctrl-C (a real SIGINT, at step 26): training goes on to the next log step (28), writes a
     # checkpoint there, prints how to continue and exits with 130.
-    result = aaekit_process("run", str(recipe), "--output-dir", str(broken), "--resume",
-                            env={"AAEKIT_TEST_SIGNAL_AT": "SIGINT:26", **ONE_THREAD})
+    result = aaekit_process(
+        "run",
+        str(recipe),
+        "--output-dir",
+        str(broken),
+        "--resume",
+        env={"AAEKIT_TEST_SIGNAL_AT": "SIGINT:26", **ONE_THREAD},
+    )
     err = result.stderr
     assert result.returncode == 130, err[-3000:]
     assert "interrupted at step 28" in err and "--resume" in err
@@ -234,7 +333,10 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
     assert "truncated" in result.stdout + result.stderr
 
     # Weights, optimizer state (incl. learning rates), every RNG stream and the counters match bit for bit.
-    expected, actual = load_file(str(reference / "model.safetensors")), load_file(str(broken / "model.safetensors"))
+    expected, actual = (
+        load_file(str(reference / "model.safetensors")),
+        load_file(str(broken / "model.safetensors")),
+    )
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     final = f"checkpoints/step-{steps:08d}"
@@ -243,17 +345,21 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
 
 
 def test_two_ranks_killed_and_resumed_end_bitwise_identical(tmp_path):
-    """Exact resume under accelerate launch: two ranks killed (a real SIGKILL, between checkpoints) and resumed on
-    two ranks end bit-identical to two ranks run straight through: weights, optimizer state, each rank's own noise
-    stream (eta of the universal posterior, input noise, prior samples), the shared batch streams, the counters,
+    """Exact resume under accelerate launch: two ranks killed (a real SIGKILL, between checkpoints) and
+    resumed on
+    two ranks end bit-identical to two ranks run straight through: weights, optimizer state, each rank's own
+    noise
+    stream (eta of the universal posterior, input noise, prior samples), the shared batch streams, the
+    counters,
     and the same logged losses."""
     steps = 24
     recipe = write_recipe(tmp_path, steps)
     reference, broken = tmp_path / "reference", tmp_path / "broken"
     result = launch_two_ranks("run", str(recipe), "--output-dir", str(reference))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    result = launch_two_ranks("run", str(recipe), "--output-dir", str(broken),
-                              env={"AAEKIT_TEST_SIGNAL_AT": "SIGKILL:14"})
+    result = launch_two_ranks(
+        "run", str(recipe), "--output-dir", str(broken), env={"AAEKIT_TEST_SIGNAL_AT": "SIGKILL:14"}
+    )
     assert result.returncode != 0
     assert max(p.name for p in (broken / "checkpoints").glob("step-*")) == "step-00000012"
     assert not (broken / "model.safetensors").exists()
@@ -270,21 +376,33 @@ def test_two_ranks_killed_and_resumed_end_bitwise_identical(tmp_path):
     assert [r["step"] for r in actual] == [r["step"] for r in expected] == [4, 8, 12, 16, 20, 24]
     for want, got in zip(expected, actual):
         assert {k: v for k, v in got.items() if k.startswith("loss/")} == {
-            k: v for k, v in want.items() if k.startswith("loss/")}, got["step"]
+            k: v for k, v in want.items() if k.startswith("loss/")
+        }, got["step"]
 
 
 def test_resuming_on_another_number_of_processes(tmp_path):
-    """A checkpoint written by one process resumes on two ranks, and theirs on one again: training goes on from
-    the step, the weights and the optimizer state it holds (a note says the per-rank noise streams restart), and
+    """A checkpoint written by one process resumes on two ranks, and theirs on one again: training goes on
+    from
+    the step, the weights and the optimizer state it holds (a note says the per-rank noise streams restart),
+    and
     the two ranks stay identical."""
     recipe = write_recipe(tmp_path, 8)
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     result = aaekit("run", str(recipe), "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    result = launch_two_ranks("run", str(recipe), "train.max_steps=16", "--output-dir", str(run_dir), "--resume",
-                              env={"AAEKIT_DUMP_RANKS": str(dump)})
+    result = launch_two_ranks(
+        "run",
+        str(recipe),
+        "train.max_steps=16",
+        "--output-dir",
+        str(run_dir),
+        "--resume",
+        env={"AAEKIT_DUMP_RANKS": str(dump)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "written by 1 processes, resuming on 2" in result.stdout and "noise streams restart" in result.stdout
+    assert (
+        "written by 1 processes, resuming on 2" in result.stdout and "noise streams restart" in result.stdout
+    )
     assert assert_ranks_identical(dump) > 0
     result = aaekit("run", str(recipe), "train.max_steps=24", "--output-dir", str(run_dir), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -302,19 +420,31 @@ def test_resuming_on_another_number_of_processes(tmp_path):
 
 
 def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
-    """The first Ctrl-C asks to stop at the next log step; a second one stops at once, mid-way: no checkpoint of
+    """The first Ctrl-C asks to stop at the next log step; a second one stops at once, mid-way: no checkpoint
+    of
     the step it stopped in, no further log line, the finished model of the earlier leg untouched; the last
     periodic checkpoint remains and resumes. The next log step is thousands of steps away (an epoch of all of
     MNIST), so the second signal, sent when the first one's message appears, always comes before it."""
     run_dir = tmp_path / "run"
-    base = tiny_run_args("recipes/gaussian.toml", run_dir, "train.pictures=false", "data.limit=0",
-                         "train.checkpoint_every=4")
+    base = tiny_run_args(
+        "recipes/gaussian.toml", run_dir, "train.pictures=false", "data.limit=0", "train.checkpoint_every=4"
+    )
     result = aaekit(*base, "train.max_steps=8")
     assert result.returncode == 0, result.stderr[-3000:]
     model = (run_dir / "model.safetensors").read_bytes()
 
-    cmd = [sys.executable, "-m", "aaekit", *base[:-2], "train.max_steps=2900", "train.log_every=5000",
-           "train.checkpoint_every=0", "--output-dir", str(run_dir), "--resume"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aaekit",
+        *base[:-2],
+        "train.max_steps=2900",
+        "train.log_every=5000",
+        "train.checkpoint_every=0",
+        "--output-dir",
+        str(run_dir),
+        "--resume",
+    ]
     env = {**os.environ, "AAEKIT_TEST_SIGNAL_AT": "SIGINT:10", "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     with open(tmp_path / "stderr.txt", "w+") as stderr:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -353,8 +483,9 @@ def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path):
     """From epoch 1 (step 20) every learning rate is multiplied by 1e33: the loss turns non-finite."""
     recipe = write_recipe(tmp_path, 60)
     run_dir = tmp_path / "run"
-    result = aaekit("run", str(recipe), "train.lr_milestones=[1]", "train.lr_gamma=1e33",
-                    "--output-dir", str(run_dir))
+    result = aaekit(
+        "run", str(recipe), "train.lr_milestones=[1]", "train.lr_gamma=1e33", "--output-dir", str(run_dir)
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     assert "loss diverged" in result.stderr and "Traceback" not in result.stderr
     from aaekit.checkpoint import latest_checkpoint

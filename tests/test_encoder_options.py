@@ -1,4 +1,5 @@
-"""The encoder's options for the categorical-code modes: dropout on the input and batch norm on the y logits."""
+"""The encoder's options for the categorical-code modes: dropout on the input and batch norm on the y
+logits."""
 
 from __future__ import annotations
 
@@ -54,13 +55,19 @@ def test_logit_batch_norm_normalises_the_categorical_logits_only():
 
 def test_the_options_are_validated_and_train(tmp_path):
     registry = get_registry()
-    raw = {"data": {"name": "mnist"}, "encoder": {"name": "deterministic", "input_dropout": 1.5},
-           "codes": {"z": {"dim": 2, "prior": {"name": "gaussian"}}}}
+    raw = {
+        "data": {"name": "mnist"},
+        "encoder": {"name": "deterministic", "input_dropout": 1.5},
+        "codes": {"z": {"dim": 2, "prior": {"name": "gaussian"}}},
+    }
     _, problems = validate(raw, registry)
     assert any("encoder.input_dropout" in p and "<= 0.9" in p for p in problems), problems
-    recipe = two_code_recipe(tmp_path / "r.toml", data={"limit": 200, "labelled": 40},
-                             encoder={"input_dropout": 0.2, "logit_batch_norm": True},
-                             train={"batch_size": 20, "max_steps": 4, "log_every": 2})
+    recipe = two_code_recipe(
+        tmp_path / "r.toml",
+        data={"limit": 200, "labelled": 40},
+        encoder={"input_dropout": 0.2, "logit_batch_norm": True},
+        train={"batch_size": 20, "max_steps": 4, "log_every": 2},
+    )
     out = aaekit("run", str(recipe), "--output-dir", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr[-3000:]
     from aaekit import load

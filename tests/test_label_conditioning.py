@@ -1,5 +1,6 @@
 """§2.3: label information in the adversarial regularization. What the discriminator sees, which prior
-component each real sample comes from, partial labelling, the refusals at validation, the imbalance warning."""
+component each real sample comes from, partial labelling, the refusals at validation, the imbalance
+warning."""
 
 from __future__ import annotations
 
@@ -30,8 +31,12 @@ def test_one_hot_with_unlabelled_slot():
 
 def test_label_conditioning_widens_and_changes_the_discriminator_input():
     conditioned = build_model(load_recipe(GMM_LABEL, SMALL), get_registry(), (28, 28), 10)
-    plain = build_model(load_recipe(GMM_LABEL, [*SMALL, "codes.z.discriminator.label_conditioned=false"]),
-                        get_registry(), (28, 28), 10)
+    plain = build_model(
+        load_recipe(GMM_LABEL, [*SMALL, "codes.z.discriminator.label_conditioned=false"]),
+        get_registry(),
+        (28, 28),
+        10,
+    )
     assert conditioned.discriminators["z"][0].in_features == 2 + 11  # code + one-hot + "unlabelled"
     assert plain.discriminators["z"][0].in_features == 2
 
@@ -55,6 +60,7 @@ def trainer(tmp_path):
         t = Trainer(recipe, tmp_path, get_registry())
         t.prepare(None)
         return t
+
     return make
 
 
@@ -108,8 +114,11 @@ def test_balanced_subset_spreads_a_remainder_and_depends_only_on_the_seed():
 
 def with_prior(tmp_path, prior_table: str):
     """gmm_label.toml with its [codes.z.prior] table replaced."""
-    text = re.sub(r"\[codes\.z\.prior\]\n(?:[^\[\n].*\n|\n)*", f"[codes.z.prior]\n{prior_table}\n\n",
-                  GMM_LABEL.read_text())
+    text = re.sub(
+        r"\[codes\.z\.prior\]\n(?:[^\[\n].*\n|\n)*",
+        f"[codes.z.prior]\n{prior_table}\n\n",
+        GMM_LABEL.read_text(),
+    )
     path = tmp_path / "recipe.toml"
     path.write_text(text)
     return path
@@ -124,7 +133,9 @@ def problems_of(path, *overrides, plugins_dirs=None) -> list[str]:
 def test_refused_prior_without_components(tmp_path):
     path = with_prior(tmp_path, 'name = "gaussian"')
     [problem] = problems_of(path)
-    assert problem.startswith(f"{path}: codes.z.discriminator.label_conditioned: prior 'gaussian' has no components")
+    assert problem.startswith(
+        f"{path}: codes.z.discriminator.label_conditioned: prior 'gaussian' has no components"
+    )
     assert "label_conditioned = false" in problem
 
 
@@ -161,8 +172,11 @@ UNLABELLED_PLUGIN = '''
 def test_refused_dataset_without_labels(tmp_path):
     (tmp_path / "blobs.py").write_text(textwrap.dedent(UNLABELLED_PLUGIN))
     problems = problems_of(GMM_LABEL, "data.name=unlabelled_blobs", plugins_dirs=[str(tmp_path)])
-    assert any("codes.z.discriminator.label_conditioned: dataset 'unlabelled_blobs' has no labels; "
-               "set label_conditioned = false" in p for p in problems), problems
+    assert any(
+        "codes.z.discriminator.label_conditioned: dataset 'unlabelled_blobs' has no labels; "
+        "set label_conditioned = false" in p
+        for p in problems
+    ), problems
 
 
 def test_validate_cli_reports_the_refusal_without_a_traceback(tmp_path):
@@ -170,8 +184,10 @@ def test_validate_cli_reports_the_refusal_without_a_traceback(tmp_path):
     result = aaekit("validate", str(recipe))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert f"error: {recipe}: codes.z.discriminator.label_conditioned: prior 'uniform' has no components" \
+    assert (
+        f"error: {recipe}: codes.z.discriminator.label_conditioned: prior 'uniform' has no components"
         in result.stderr
+    )
     assert aaekit("validate", str(GMM_LABEL)).returncode == 0
 
 
@@ -198,7 +214,8 @@ def test_imbalance_warning_for_the_encoder_side(trainer, capsys):
 
 
 def test_imbalance_warning_catches_the_measured_failure(trainer, capsys):
-    """gmm_label with a too slow generator ended at 94 % accuracy on codes, 99 % on prior samples, with the codes
+    """gmm_label with a too slow generator ended at 94 % accuracy on codes, 99 % on prior samples, with the
+    codes
     far outside the prior: that must warn; a healthy run (45 % / 80 %) must not."""
     t = trainer("train.imbalance_warning_steps=20")
     t.monitor.check_imbalance({"accuracy/prior.z": 0.80, "accuracy/code.z": 0.45}, 100)

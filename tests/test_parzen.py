@@ -63,7 +63,8 @@ def test_blocks_do_not_change_the_result():
 
 
 def test_gaussian_closed_form():
-    """Samples of N(mu, s^2 I): the Parzen density is on average N(mu, (s^2 + sigma^2) I), and with sigma chosen
+    """Samples of N(mu, s^2 I): the Parzen density is on average N(mu, (s^2 + sigma^2) I), and with sigma
+    chosen
     on validation data it approaches the true log-likelihood of the data."""
     g = torch.Generator().manual_seed(1)
     dim, s, mu = 2, 1.5, torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -71,7 +72,7 @@ def test_gaussian_closed_form():
     samples, validation, test = draw(20_000), draw(1000), draw(1000)
 
     def gaussian_ll(x, var):
-        return (-((x - mu) ** 2).sum(1) / (2 * var) - 0.5 * dim * math.log(2 * math.pi * var))
+        return -((x - mu) ** 2).sum(1) / (2 * var) - 0.5 * dim * math.log(2 * math.pi * var)
 
     sigma = 0.5
     parzen = parzen_log_likelihoods(test, samples, [sigma], batch_size=200)[0]
@@ -79,7 +80,9 @@ def test_gaussian_closed_form():
     assert (parzen - smoothed).abs().mean().item() < 0.03
     assert parzen.mean().item() == pytest.approx(smoothed.mean().item(), abs=0.02)
 
-    result = parzen_estimate(samples, validation, test, sigmas=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0], batch_size=200)
+    result = parzen_estimate(
+        samples, validation, test, sigmas=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0], batch_size=200
+    )
     true_mean, _ = mean_and_standard_error(gaussian_ll(test, s**2))
     # The estimate is a little below the truth (the window blurs it) and within a few standard errors.
     assert result["log_likelihood"] == pytest.approx(true_mean, abs=0.05)
@@ -105,7 +108,8 @@ def test_sigma_is_the_best_of_the_grid_on_validation():
 
 
 def test_sigma_is_refined_between_the_grid_neighbours_of_the_best():
-    """After the grid, sigma is the best (by the naive computation) of a fine grid between the neighbours of the
+    """After the grid, sigma is the best (by the naive computation) of a fine grid between the neighbours of
+    the
     grid's best value, so it scores at least as well on validation; the test figure is scored with it."""
     samples, validation, test = skewed_data()
     grid = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
@@ -113,14 +117,18 @@ def test_sigma_is_refined_between_the_grid_neighbours_of_the_best():
     result = parzen_estimate(samples, validation, test, sigmas=grid, batch_size=16)
     i = grid.index(coarse["sigma"])
     fine = result["sigma_fine_grid"]
-    assert len(fine) >= 21 and fine[0] == pytest.approx(grid[i - 1]) and fine[-1] == pytest.approx(grid[i + 1])
+    assert (
+        len(fine) >= 21 and fine[0] == pytest.approx(grid[i - 1]) and fine[-1] == pytest.approx(grid[i + 1])
+    )
     assert coarse["sigma"] in fine
     per_sigma = [naive(validation, samples, s).mean().item() for s in fine]
     assert result["validation_log_likelihood_fine"] == pytest.approx(per_sigma, rel=1e-9)
     assert result["sigma"] == fine[max(range(len(fine)), key=per_sigma.__getitem__)]
     assert result["sigma"] != coarse["sigma"]  # the data were made so that the grid's value is not the best
     assert max(per_sigma) > max(coarse["validation_log_likelihood"])
-    assert result["log_likelihood"] == pytest.approx(naive(test, samples, result["sigma"]).mean().item(), rel=1e-9)
+    assert result["log_likelihood"] == pytest.approx(
+        naive(test, samples, result["sigma"]).mean().item(), rel=1e-9
+    )
 
 
 def test_edge_of_grid_is_reported():

@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import torch
+from helpers_promises import as_grid, component_of, decoder_inputs, far_from_centre, read_grid, same_picture
 from PIL import Image
 
 import aaekit as aaekit_api
 from conftest import ROOT, aaekit, tiny_run_args
-from helpers_promises import as_grid, component_of, decoder_inputs, far_from_centre, read_grid, same_picture
 
 
 def test_gmm_label_run_writes_the_three_pictures(tmp_path):
@@ -35,7 +35,8 @@ def test_gmm_label_run_writes_the_three_pictures(tmp_path):
     model = aaekit_api.load(run_dir).model
     with torch.no_grad():
         decoded = model.to_data_space(model.decoder(z)).reshape(100, 28, 28)
-    # the run decoded with bf16 weights, this with the saved fp32 ones: a little more than the PNG's rounding apart
+    # the run decoded with bf16 weights, this with the saved fp32 ones: a little more than the PNG's rounding
+    # apart
     assert same_picture(read_grid(run_dir / "samples.png"), as_grid(decoded, 10, 10), tolerance=5 / 255)
     with Image.open(run_dir / "reconstructions.png") as recon:
         assert recon.size == (20 * 28, 5 * 28)  # 50 inputs, each beside its reconstruction
@@ -49,7 +50,8 @@ def test_pictures_can_be_switched_off(tmp_path):
 
 
 def test_matplotlib_is_not_imported_by_training():
-    code = ("import sys, aaekit.cli, aaekit.engine, aaekit.runs, aaekit.model; "
-            "print('matplotlib' in sys.modules)")
+    code = (
+        "import sys, aaekit.cli, aaekit.engine, aaekit.runs, aaekit.model; print('matplotlib' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

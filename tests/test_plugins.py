@@ -1,20 +1,18 @@
-"""Plugin loading: entry points, one-off files, broken plugins, misspelt hooks, duplicate names, the README example."""
+"""Plugin loading: entry points, one-off files, broken plugins, misspelt hooks, duplicate names, the README
+example."""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, aaekit
-
 from aaekit import plugins
 from aaekit.errors import PluginError
+from conftest import ROOT, aaekit
 
 PRIOR_FILE = '''
 import torch
@@ -42,7 +40,9 @@ def {hook}(register):
 '''
 
 
-def write_prior(folder: Path, stem: str, name: str, hook: str = "register_priors", cls: str = "FilePrior") -> Path:
+def write_prior(
+    folder: Path, stem: str, name: str, hook: str = "register_priors", cls: str = "FilePrior"
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.py"
     path.write_text(PRIOR_FILE.format(cls=cls, name=name, hook=hook, doc=f"test prior {name}"))
@@ -68,8 +68,13 @@ def fresh_registry():
 
 def test_builtins_come_through_entry_points():
     registry = plugins.get_registry()
-    for kind, name in [("prior", "gaussian"), ("prior", "gmm"), ("posterior", "universal"), ("dataset", "mnist"),
-                       ("head", "classifier")]:
+    for kind, name in [
+        ("prior", "gaussian"),
+        ("prior", "gmm"),
+        ("posterior", "universal"),
+        ("dataset", "mnist"),
+        ("head", "classifier"),
+    ]:
         entry = registry.get(kind, name)
         assert entry.distribution == "aaekit-builtins", entry
         assert entry.plugin.startswith("aaekit-builtins:")
@@ -108,12 +113,18 @@ print(log.read_text().split())
 
 
 def test_loading_is_lazy_and_once(tmp_path):
-    """Importing aaekit (CLI, API, engine) loads no plugin; the first get_registry() loads each once (the module
+    """Importing aaekit (CLI, API, engine) loads no plugin; the first get_registry() loads each once (the
+    module
     imported once, its hook called once), and later calls return the same registry. In a fresh interpreter,
     with a one-off plugin file that logs when it is imported and when its hook runs."""
     (tmp_path / "counting.py").write_text(COUNTING_PLUGIN)
-    out = subprocess.run([sys.executable, "-c", LAZY_AND_ONCE, str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "AAEKIT_PLUGINS_DIR": str(tmp_path)})
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_AND_ONCE, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "AAEKIT_PLUGINS_DIR": str(tmp_path)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "['imported', 'registered']", out.stdout
 
@@ -154,8 +165,12 @@ def test_broken_entry_point_is_reported_and_others_work(tmp_path):
 
 def test_working_third_party_entry_point(tmp_path):
     site = tmp_path / "site"
-    fake_distribution(site, "aaekit-thirdparty", "aaekit_thirdparty_prior",
-                      PRIOR_FILE.format(cls="ThirdParty", name="thirdparty", hook="register_priors", doc="third"))
+    fake_distribution(
+        site,
+        "aaekit-thirdparty",
+        "aaekit_thirdparty_prior",
+        PRIOR_FILE.format(cls="ThirdParty", name="thirdparty", hook="register_priors", doc="third"),
+    )
     out = aaekit("plugins", env={"PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stdout.splitlines() if "thirdparty" in line)
@@ -182,41 +197,3 @@ def test_unknown_component_lists_names_and_suggests(tmp_path):
     registry = plugins.get_registry()
     message = registry.unknown("prior", "gausian")
     assert "did you mean 'gaussian'" in message and "gmm" in message
-
-
-def readme_blocks() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text()
-    return {m.group(1): m.group(2) for m in re.finditer(r"```\w+ (\S+)\n(.*?)```", text, re.S)}
-
-
-def test_readme_plugin_example_works(tmp_path):
-    """The README's 'Writing a plugin' section, exactly as written: install it, list it, validate and train."""
-    blocks = readme_blocks()
-    package = tmp_path / "aaekit-ring"
-    package.mkdir()
-    (package / "aaekit_ring.py").write_text(blocks["aaekit_ring.py"])
-    (package / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n\n' + blocks["pyproject.toml"])
-    site = tmp_path / "site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--target", str(site), str(package)], capture_output=True, text=True)
-    assert pip.returncode == 0, pip.stderr
-    env = {"PYTHONPATH": str(site)}
-    listed = aaekit("plugins", env=env)
-    assert listed.returncode == 0, listed.stderr
-    line = next(line for line in listed.stdout.splitlines() if " ring " in line)
-    assert "aaekit-ring" in line and "0.1.0" in line
-
-    recipe = tmp_path / "ring.toml"
-    recipe.write_text(blocks["ring.toml"])
-    assert aaekit("validate", str(recipe), env=env).returncode == 0
-    bad = aaekit("validate", str(recipe), "codes.z.dim=3", env=env)  # validate takes no overrides: a usage error
-    assert bad.returncode != 0
-    run = aaekit("run", str(recipe), "train.max_steps=3", "train.batch_size=20", "data.limit=200",
-                 "encoder.hidden=[16]", "decoder.hidden=[16]", "codes.z.discriminator.hidden=[8]", "train.pictures=false",
-                 "--output-dir", str(tmp_path / "run"), env=env)
-    assert run.returncode == 0, run.stderr
-    assert (tmp_path / "run" / "model.safetensors").exists()
-    wrong_dim = aaekit("run", str(recipe), "codes.z.dim=3", "--output-dir", str(tmp_path / "run3"), env=env)
-    assert wrong_dim.returncode == 2 and "ring is 2-D" in wrong_dim.stderr
-    assert not (tmp_path / "run3").exists()

@@ -21,14 +21,17 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("name, dim, params, components", [
-    ("gaussian", 8, {}, None),
-    ("uniform", 3, {}, None),
-    ("gmm", 2, {}, 10),
-    ("gmm", 5, {"components": 4}, 4),
-    ("swiss_roll", 2, {}, 10),
-    ("categorical", 7, {}, 7),
-])
+@pytest.mark.parametrize(
+    "name, dim, params, components",
+    [
+        ("gaussian", 8, {}, None),
+        ("uniform", 3, {}, None),
+        ("gmm", 2, {}, 10),
+        ("gmm", 5, {"components": 4}, 4),
+        ("swiss_roll", 2, {}, 10),
+        ("categorical", 7, {}, 7),
+    ],
+)
 def test_declared_shape_components_and_seeded_reproducibility(name, dim, params, components):
     prior = build(name, dim, **params)
     assert prior.num_components == components
@@ -83,8 +86,9 @@ def test_gmm_without_labels_draws_every_component_evenly_and_respects_geometry_p
     prior = build("gmm", 2, components=4, shift=3.0, std_along=0.1, std_across=0.1, scale=2.0)
     z = prior.sample(N, generator=seeded())
     # every sample lies near one of the 4 centres 6*(cos, sin)(2*pi*k/4)
-    centres = torch.stack([6 * torch.tensor([math.cos(a), math.sin(a)])
-                           for a in (2 * math.pi * k / 4 for k in range(4))])
+    centres = torch.stack(
+        [6 * torch.tensor([math.cos(a), math.sin(a)]) for a in (2 * math.pi * k / 4 for k in range(4))]
+    )
     nearest = torch.cdist(z, centres).argmin(1)
     assert torch.cdist(z, centres).min(1).values.max() < 2.0
     counts = torch.bincount(nearest, minlength=4).float() / N
@@ -110,8 +114,9 @@ def test_swiss_roll_segment_k_covers_its_radius_range():
         # the angle follows the radius: angle = 4*pi*r/3 (mod 2*pi)
         expected = 4 * math.pi * r / 3
         diff = torch.atan2(z[:, 1], z[:, 0]) - expected
-        assert torch.allclose(torch.remainder(diff + math.pi, 2 * math.pi) - math.pi,
-                              torch.zeros_like(diff), atol=1e-3)
+        assert torch.allclose(
+            torch.remainder(diff + math.pi, 2 * math.pi) - math.pi, torch.zeros_like(diff), atol=1e-3
+        )
 
 
 def test_swiss_roll_without_labels_is_uniform_in_u():
@@ -140,7 +145,9 @@ def test_smoothed_categorical_stays_on_the_simplex_near_its_label():
     assert torch.allclose(y.sum(1), torch.ones(N), atol=1e-5) and (y >= 0).all()
     assert torch.equal(y.argmax(1), labels)
     top = y.max(1).values
-    assert top.min() >= 0.8 - 1e-6 and top.max() < 1  # never exactly one-hot, never further than the weight allows
+    assert (
+        top.min() >= 0.8 - 1e-6 and top.max() < 1
+    )  # never exactly one-hot, never further than the weight allows
     # E[top] = 1 - E[w] + E[w] E[d_label] = 1 - 0.1 + 0.1 * 0.1
     assert abs(top.mean().item() - 0.91) < 0.005
     off = y[torch.arange(N), (labels + 1) % 10]
@@ -150,6 +157,7 @@ def test_smoothed_categorical_stays_on_the_simplex_near_its_label():
 def check_priors_on(device: str) -> None:
     """Every built-in prior drawing on ``device`` from a generator there: the samples are on that device,
     reproducible from the seed, and distributed as on the CPU (moments, bounds, the label's component)."""
+
     def gen(seed: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(seed)
 

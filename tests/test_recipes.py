@@ -1,17 +1,17 @@
-"""Recipe validation: every shipped recipe validates; each bad recipe gets its message; overrides are typed."""
+"""Recipe validation: every shipped recipe validates; each bad recipe gets its message; overrides are
+typed."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, aaekit
+import tomllib
 
 from aaekit.errors import RecipeError, UserError
-from aaekit.recipe import dump_toml, load_recipe, validate
 from aaekit.plugins import get_registry
+from aaekit.recipe import dump_toml, load_recipe, validate
+from conftest import ROOT, aaekit
 
 SHIPPED = sorted((ROOT / "recipes").glob("*.toml"))
 
@@ -48,10 +48,10 @@ BAD = [
     # (change applied to GOOD, expected fragments of one error line)
     ("[trian]\nepochs = 3\n", ["trian: unknown table", "did you mean 'train'"]),
     ("[train]\nepoch = 3\n", ["train.epoch: unknown key", "did you mean 'epochs'"]),
-    ("[train]\nepochs = \"ten\"\n", ["train.epochs: expected an integer", "'ten'"]),
+    ('[train]\nepochs = "ten"\n', ["train.epochs: expected an integer", "'ten'"]),
     ("[train]\nepochs = 0\n", ["train.epochs: expected an integer >= 1", "got 0"]),
     ("[train]\nbatch_size = 2.5\n", ["train.batch_size: expected an integer"]),
-    ("[run]\nmixed_precision = \"bf61\"\n", ["run.mixed_precision", "did you mean 'bf16'"]),
+    ('[run]\nmixed_precision = "bf61"\n', ["run.mixed_precision", "did you mean 'bf16'"]),
     ("[optim.reconstruction]\nlr = -1\n", ["optim.reconstruction.lr: expected a number >= 0"]),
     ("[optim.recon]\nlr = 1\n", ["optim.recon: unknown phase", "reconstruction"]),
     ("[encoder.extra]\n", []),  # handled below: encoder is already a table; TOML error
@@ -74,14 +74,19 @@ def test_bad_recipe_messages(tmp_path, change, expected):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    text = GOOD.replace('name = "gaussian"', 'name = "gausian"\nstd = 1') + "[train]\nepochs = -1\nbogus = 1\n"
+    text = (
+        GOOD.replace('name = "gaussian"', 'name = "gausian"\nstd = 1') + "[train]\nepochs = -1\nbogus = 1\n"
+    )
     text = text.replace('name = "deterministic"', 'name = "deterministik"\nhidden = []')
     with pytest.raises(RecipeError) as info:
         load_recipe(write(tmp_path, text))
     joined = "\n".join(info.value.problems)
-    for fragment in ["codes.z.prior.name: unknown prior 'gausian' (did you mean 'gaussian'?); available:",
-                     "encoder.name: unknown posterior 'deterministik' (did you mean 'deterministic'?)",
-                     "train.epochs:", "train.bogus: unknown key"]:
+    for fragment in [
+        "codes.z.prior.name: unknown prior 'gausian' (did you mean 'gaussian'?); available:",
+        "encoder.name: unknown posterior 'deterministik' (did you mean 'deterministic'?)",
+        "train.epochs:",
+        "train.bogus: unknown key",
+    ]:
         assert fragment in joined, joined
     assert len(info.value.problems) >= 4
 
@@ -99,7 +104,9 @@ def test_missing_required_parts(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(write(tmp_path, "[run]\nseed = 1\n"))
     joined = "\n".join(info.value.problems)
-    assert "data: missing table" in joined and "encoder: missing table" in joined and "codes: missing" in joined
+    assert (
+        "data: missing table" in joined and "encoder: missing table" in joined and "codes: missing" in joined
+    )
 
 
 def test_invalid_toml_and_missing_file(tmp_path):
@@ -111,11 +118,22 @@ def test_invalid_toml_and_missing_file(tmp_path):
 
 def test_overrides_are_typed_like_the_recipe(tmp_path):
     path = write(tmp_path, GOOD)
-    r = load_recipe(path, ["train.epochs=3", "run.name=123", "codes.z.prior.std=5", "encoder.hidden=[64, 32]",
-                           "data.labelled=0.5", "train.pictures=false"])
+    r = load_recipe(
+        path,
+        [
+            "train.epochs=3",
+            "run.name=123",
+            "codes.z.prior.std=5",
+            "encoder.hidden=[64, 32]",
+            "data.labelled=0.5",
+            "train.pictures=false",
+        ],
+    )
     assert r.values["train"]["epochs"] == 3
     assert r.values["run"]["name"] == "123"  # a string key stays a string
-    assert r.values["codes"]["z"]["prior"]["std"] == 5.0 and isinstance(r.values["codes"]["z"]["prior"]["std"], float)
+    assert r.values["codes"]["z"]["prior"]["std"] == 5.0 and isinstance(
+        r.values["codes"]["z"]["prior"]["std"], float
+    )
     assert r.values["encoder"]["hidden"] == [64, 32]
     assert r.values["data"]["labelled"] == 0.5
     assert r.values["train"]["pictures"] is False

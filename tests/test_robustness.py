@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 import aaekit as package
@@ -19,7 +19,8 @@ RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
 
 
 def one_error(out, *fragments: str) -> str:
-    """The promise for a user mistake: exit 2, no traceback, exactly one `error:` line naming what is wrong."""
+    """The promise for a user mistake: exit 2, no traceback, exactly one `error:` line naming what is
+    wrong."""
     assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "Traceback" not in out.stderr, out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -32,16 +33,26 @@ def one_error(out, *fragments: str) -> str:
 def tiny_args(recipe: str, run_dir: Path, *extra: str) -> list[str]:
     values = tomllib.loads((ROOT / "recipes" / recipe).read_text())
     tiny = [a for a in TINY if values["data"]["name"] in ("mnist", "hf") or not a.startswith("data.limit")]
-    return ["run", str(ROOT / "recipes" / recipe), *tiny, *tiny_code_overrides(values), "train.pictures=false",
-            "data.validation=0",
-            *extra, "--output-dir", str(run_dir)]
+    return [
+        "run",
+        str(ROOT / "recipes" / recipe),
+        *tiny,
+        *tiny_code_overrides(values),
+        "train.pictures=false",
+        "data.validation=0",
+        *extra,
+        "--output-dir",
+        str(run_dir),
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-# ---- every shipped recipe trains, evaluates, samples and loads back -------------------------------------------
+# ---- every shipped recipe trains, evaluates, samples and loads back
+# -------------------------------------------
+
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_shipped_recipe_loads_back(recipe, tmp_path):
@@ -53,8 +64,18 @@ def test_every_shipped_recipe_loads_back(recipe, tmp_path):
     evaluated = aaekit("eval", str(run_dir), "-n", "40", "--validation-size", "20", "--test-limit", "40")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)
-    latest = aaekit("eval", str(run_dir), "--checkpoint", "latest", "-n", "40", "--validation-size", "20",
-                    "--test-limit", "40")
+    latest = aaekit(
+        "eval",
+        str(run_dir),
+        "--checkpoint",
+        "latest",
+        "-n",
+        "40",
+        "--validation-size",
+        "20",
+        "--test-limit",
+        "40",
+    )
     assert latest.returncode == 0, latest.stderr[-3000:]
 
     run = package.load(run_dir)
@@ -73,11 +94,14 @@ def test_every_shipped_recipe_loads_back(recipe, tmp_path):
 
 
 def test_a_run_on_a_table_loads_without_its_data(tmp_path):
-    """The model is rebuilt from the run's model.json, not from the dataset: with the source gone, it loads."""
+    """The model is rebuilt from the run's model.json, not from the dataset: with the source gone, it
+    loads."""
     table = tmp_path / "table.csv"
     table.write_text("a,b,c\n" + "".join(f"{i % 7},{i % 5},{(i * 3) % 11}\n" for i in range(120)))
     run_dir = tmp_path / "run"
-    out = aaekit(*tiny_args("tabular_example.toml", run_dir, f"data.source={table}", "data.columns=[\"a\",\"b\",\"c\"]"))
+    out = aaekit(
+        *tiny_args("tabular_example.toml", run_dir, f"data.source={table}", 'data.columns=["a","b","c"]')
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     table.unlink()
     run = package.load(run_dir)
@@ -85,7 +109,9 @@ def test_a_run_on_a_table_loads_without_its_data(tmp_path):
     assert run.encode(torch.zeros(5, 3))["z"].shape == (5, 2)
 
 
-# ---- the Python API takes batches shaped like the data or flat ----------------------------------------------
+# ---- the Python API takes batches shaped like the data or flat
+# ----------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mnist_run(tmp_path_factory):
@@ -109,7 +135,9 @@ def test_encode_accepts_image_and_flat_batches_and_refuses_others(mnist_run):
             run.encode(bad)
 
 
-# ---- run folders: a failed start frees its folder, resume rewrites nothing it did not run ---------------------
+# ---- run folders: a failed start frees its folder, resume rewrites nothing it did not run
+# ---------------------
+
 
 def test_a_run_that_fails_before_training_leaves_its_folder_usable(tmp_path):
     run_dir = tmp_path / "run"
@@ -146,11 +174,15 @@ def test_resuming_from_an_older_checkpoint_keeps_each_metric_step_once(tmp_path)
     assert "moved to metrics.replaced.jsonl" in resumed.stdout
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == [2, 4, 6, 8]
-    replaced = [json.loads(line)["step"] for line in (run_dir / "metrics.replaced.jsonl").read_text().splitlines()]
+    replaced = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.replaced.jsonl").read_text().splitlines()
+    ]
     assert replaced == [8]  # kept, not deleted
 
 
-# ---- paths that cannot be written -----------------------------------------------------------------------------
+# ---- paths that cannot be written
+# -----------------------------------------------------------------------------
+
 
 def test_unwritable_output_paths_are_one_clear_line(tmp_path, mnist_run):
     a_file = tmp_path / "a-file"
@@ -158,11 +190,28 @@ def test_unwritable_output_paths_are_one_clear_line(tmp_path, mnist_run):
     one_error(aaekit(*tiny_args("gaussian.toml", a_file / "run")), "is a file, not a folder")
     one_error(aaekit(*tiny_args("gaussian.toml", a_file)), "a file (not a folder) is in the way")
     assert a_file.read_text() == "keep me"
-    one_error(aaekit(*tiny_args("gaussian.toml", Path("/sys/aaekit-test-run"))), "cannot be created or written")
-    one_error(aaekit("sample", str(mnist_run), "--out", str(tmp_path / "missing" / "s.png")), "does not exist")
+    one_error(
+        aaekit(*tiny_args("gaussian.toml", Path("/sys/aaekit-test-run"))), "cannot be created or written"
+    )
+    one_error(
+        aaekit("sample", str(mnist_run), "--out", str(tmp_path / "missing" / "s.png")), "does not exist"
+    )
     one_error(aaekit("sample", str(mnist_run), "--out", "/sys/kernel/aaekit-test.png"), "--out")
-    one_error(aaekit("eval", str(mnist_run), "-n", "20", "--test-limit", "20", "--validation-size", "20",
-                     "--output", str(tmp_path / "missing" / "r.json")), "does not exist")
+    one_error(
+        aaekit(
+            "eval",
+            str(mnist_run),
+            "-n",
+            "20",
+            "--test-limit",
+            "20",
+            "--validation-size",
+            "20",
+            "--output",
+            str(tmp_path / "missing" / "r.json"),
+        ),
+        "does not exist",
+    )
 
 
 def test_running_out_of_memory_names_the_sizes(tmp_path):
@@ -170,13 +219,21 @@ def test_running_out_of_memory_names_the_sizes(tmp_path):
     one_error(out, "out of memory", "encoder.hidden = [100000000000]", "train.batch_size = 20")
 
 
-# ---- recipes: finite numbers, plain run names, overrides named as such ----------------------------------------
+# ---- recipes: finite numbers, plain run names, overrides named as such
+# ----------------------------------------
+
 
 def test_non_finite_numbers_and_path_like_run_names_are_refused(tmp_path):
-    for override, fragment in (("optim.generator.lr=nan", "finite"), ("optim.reconstruction.lr=inf", "finite"),
-                               ("codes.z.prior.std=-inf", "finite"), ("run.name=../x", "plain folder name"),
-                               ("run.name=\"/tmp/x\"", "plain folder name")):
-        out = aaekit("run", str(ROOT / "recipes" / "gaussian.toml"), override, "--output-dir", str(tmp_path / "r"))
+    for override, fragment in (
+        ("optim.generator.lr=nan", "finite"),
+        ("optim.reconstruction.lr=inf", "finite"),
+        ("codes.z.prior.std=-inf", "finite"),
+        ("run.name=../x", "plain folder name"),
+        ('run.name="/tmp/x"', "plain folder name"),
+    ):
+        out = aaekit(
+            "run", str(ROOT / "recipes" / "gaussian.toml"), override, "--output-dir", str(tmp_path / "r")
+        )
         one_error(out, f"command-line override {override!r}", fragment)
     assert not (tmp_path / "r").exists()
 
@@ -185,12 +242,16 @@ def test_validate_takes_overrides_and_blames_the_command_line():
     recipe = str(ROOT / "recipes" / "gmm_label.toml")
     ok = aaekit("validate", recipe, "train.epochs=2")
     assert ok.returncode == 0 and f"ok: {recipe}" in ok.stdout
-    one_error(aaekit("validate", recipe, "train.epoch=3"), "command-line override 'train.epoch=3'",
-              "did you mean 'epochs'")
+    one_error(
+        aaekit("validate", recipe, "train.epoch=3"),
+        "command-line override 'train.epoch=3'",
+        "did you mean 'epochs'",
+    )
     one_error(aaekit("run", recipe, "train.epoch=3"), "command-line override 'train.epoch=3'")
 
 
-# ---- plugins: wrong shapes, broken imports, one-off plugin folders ------------------------------------------
+# ---- plugins: wrong shapes, broken imports, one-off plugin folders
+# ------------------------------------------
 
 WIDE_PRIOR = '''
 import torch
@@ -213,9 +274,13 @@ def register_priors(register):
     register(WidePrior)
 '''
 
-SHIFTED_PRIOR = WIDE_PRIOR.replace("WidePrior", "ShiftedPrior").replace('"wide"', '"shifted"').replace(
-    "self.dim + 1", "self.dim").replace("Returns one column too many.", "N(3, I).").replace(
-    "device=device)", "device=device) + 3")
+SHIFTED_PRIOR = (
+    WIDE_PRIOR.replace("WidePrior", "ShiftedPrior")
+    .replace('"wide"', '"shifted"')
+    .replace("self.dim + 1", "self.dim")
+    .replace("Returns one column too many.", "N(3, I).")
+    .replace("device=device)", "device=device) + 3")
+)
 
 
 def test_a_prior_returning_the_wrong_shape_is_named_before_training(tmp_path):
@@ -223,7 +288,9 @@ def test_a_prior_returning_the_wrong_shape_is_named_before_training(tmp_path):
     plugins.mkdir()
     (plugins / "wide_prior.py").write_text(WIDE_PRIOR)
     run_dir = tmp_path / "run"
-    out = aaekit(*tiny_args("gaussian.toml", run_dir, "codes.z.prior.name=wide"), "--plugins-dir", str(plugins))
+    out = aaekit(
+        *tiny_args("gaussian.toml", run_dir, "codes.z.prior.name=wide"), "--plugins-dir", str(plugins)
+    )
     one_error(out, "codes.z.prior", "'wide'", "wide_prior.py", "(4, 9)", "expected (4, 8)")
     assert not (run_dir / "metrics.jsonl").exists()
 
@@ -246,22 +313,36 @@ def test_a_run_trained_with_a_plugins_dir_evaluates_without_it_and_says_when_it_
     plugins.mkdir()
     (plugins / "shifted_prior.py").write_text(SHIFTED_PRIOR)
     run_dir = tmp_path / "run"
-    out = aaekit(*tiny_args("gaussian.toml", run_dir, "codes.z.prior.name=shifted"), "--plugins-dir", str(plugins))
+    out = aaekit(
+        *tiny_args("gaussian.toml", run_dir, "codes.z.prior.name=shifted"), "--plugins-dir", str(plugins)
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     evaluated = aaekit("eval", str(run_dir), "-n", "20", "--test-limit", "20", "--validation-size", "20")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     plugins.rename(tmp_path / "moved")
-    one_error(aaekit("sample", str(run_dir)), "codes.z.prior = prior 'shifted'", "--plugins-dir", str(plugins))
+    one_error(
+        aaekit("sample", str(run_dir)), "codes.z.prior = prior 'shifted'", "--plugins-dir", str(plugins)
+    )
 
 
-# ---- preemption, threads, logs that are not a terminal -------------------------------------------------------
+# ---- preemption, threads, logs that are not a terminal
+# -------------------------------------------------------
+
 
 def test_sigterm_checkpoints_at_the_next_log_step_and_prints_the_resume_command(tmp_path):
-    recipe = two_code_recipe(tmp_path / "semi.toml", data={"limit": 400, "labelled": 60},
-                             train={"batch_size": 20, "max_steps": 16, "log_every": 4, "checkpoint_every": 0})
+    recipe = two_code_recipe(
+        tmp_path / "semi.toml",
+        data={"limit": 400, "labelled": 60},
+        train={"batch_size": 20, "max_steps": 16, "log_every": 4, "checkpoint_every": 0},
+    )
     run_dir = tmp_path / "run"
-    out = aaekit_process("run", str(recipe), "--output-dir", str(run_dir),
-                         env={"AAEKIT_TEST_SIGNAL_AT": "SIGTERM:6", **ONE_THREAD})
+    out = aaekit_process(
+        "run",
+        str(recipe),
+        "--output-dir",
+        str(run_dir),
+        env={"AAEKIT_TEST_SIGNAL_AT": "SIGTERM:6", **ONE_THREAD},
+    )
     assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000008"]
     command = out.stderr.split("continue with: ", 1)[1].split()
@@ -285,10 +366,22 @@ def test_the_thread_count_is_printed_and_settable_and_logs_get_plain_lines(tmp_p
 
 def test_a_loss_that_explodes_without_reaching_inf_is_warned_about_at_the_end(tmp_path):
     # Adam at lr 1000 on a linear decoder: squared errors near 1e31, finite in fp32, so the run completes
-    out = aaekit(*tiny_args("gaussian.toml", tmp_path / "run", "train.max_steps=6", "decoder.output=linear",
-                            "decoder.loss=mse", "optim.reconstruction.lr=1000"))
+    out = aaekit(
+        *tiny_args(
+            "gaussian.toml",
+            tmp_path / "run",
+            "train.max_steps=6",
+            "decoder.output=linear",
+            "decoder.loss=mse",
+            "optim.reconstruction.lr=1000",
+        )
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    warnings = [line for line in out.stdout.splitlines() if line.startswith("warning: loss/reconstruction reached")]
-    assert len(warnings) == 2 and "diverging" in warnings[0], out.stdout  # when it happens, and again at the end
+    warnings = [
+        line for line in out.stdout.splitlines() if line.startswith("warning: loss/reconstruction reached")
+    ]
+    assert len(warnings) == 2 and "diverging" in warnings[0], (
+        out.stdout
+    )  # when it happens, and again at the end
     assert out.stdout.rstrip().splitlines()[-1].startswith("run written to")
     assert out.stdout.rindex(warnings[1]) > out.stdout.index("step 6/6")

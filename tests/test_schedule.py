@@ -13,8 +13,14 @@ import torch.nn.functional as F
 
 from conftest import ROOT, prepared_trainer
 
-SMALL = ["data.limit=300", "train.batch_size=20", "encoder.hidden=[24,24]", "decoder.hidden=[24,24]",
-         "codes.z.discriminator.hidden=[16,16]", "train.pictures=false"]
+SMALL = [
+    "data.limit=300",
+    "train.batch_size=20",
+    "encoder.hidden=[24,24]",
+    "decoder.hidden=[24,24]",
+    "codes.z.discriminator.hidden=[16,16]",
+    "train.pictures=false",
+]
 
 
 def gaussian_trainer(tmp_path, *overrides):
@@ -27,7 +33,8 @@ def adam(params, settings):
 
 class ReferenceStep:
     """Reconstruction (encoder + decoder), then the discriminator on prior samples against codes, then the
-    generator (encoder) against the updated discriminator: three optimizers, each phase with current weights."""
+    generator (encoder) against the updated discriminator: three optimizers, each phase with current
+    weights."""
 
     def __init__(self, trainer):
         m, optim = trainer.model, trainer.recipe.values["optim"]
@@ -48,8 +55,11 @@ class ReferenceStep:
         real = self.model.priors["z"].sample(x.shape[0], None, generator=noise, device=x.device)
         fake = self.encoder(x)["z"].detach()
         d_real, d_fake = self.discriminator(real), self.discriminator(fake)
-        (F.binary_cross_entropy_with_logits(torch.cat([d_real, d_fake]).flatten(),
-                                            torch.cat([torch.ones(len(x)), torch.zeros(len(x))]))).backward()
+        (
+            F.binary_cross_entropy_with_logits(
+                torch.cat([d_real, d_fake]).flatten(), torch.cat([torch.ones(len(x)), torch.zeros(len(x))])
+            )
+        ).backward()
         self.opt_d.step()
 
         self.opt_g.zero_grad()
@@ -68,8 +78,11 @@ def test_engine_step_equals_the_papers_schedule_written_by_hand(tmp_path):
         trainer.train_step(index)
         reference(x, noise)
     m = trainer.model
-    pairs = [(m.encoder, reference.encoder), (m.decoder, reference.decoder),
-             (m.discriminators["z"], reference.discriminator)]
+    pairs = [
+        (m.encoder, reference.encoder),
+        (m.decoder, reference.decoder),
+        (m.discriminators["z"], reference.discriminator),
+    ]
     for engine_part, reference_part in pairs:
         for (name, a), (_, b) in zip(engine_part.named_parameters(), reference_part.named_parameters()):
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
@@ -88,7 +101,9 @@ def test_each_phase_updates_only_its_own_parts(tmp_path):
     x, labels = trainer.train_data.inputs(index), trainer.train_data.y[index]
     assert changed_parts(lambda: trainer.reconstruction_phase(x, labels)) == {"encoder", "decoder"}
     assert changed_parts(lambda: trainer.regularization_phase(x, torch.full_like(labels, -1))) == {
-        "encoder", "discriminators"}
+        "encoder",
+        "discriminators",
+    }
     # after the generator step no discriminator parameter is left frozen
     assert all(p.requires_grad for p in m.discriminators.parameters())
 
@@ -113,12 +128,19 @@ print(min(windows))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting")
 def test_a_cpu_trainer_keeps_freed_blocks_in_the_process(tmp_path):
-    """Training steps reuse freed blocks instead of faulting in fresh pages. In a fresh process, as `aaekit run`
-    is; with glibc's default thresholds this bf16 step faults ~240 pages (4 KiB) a step, ~960 with 1000 units."""
+    """Training steps reuse freed blocks instead of faulting in fresh pages. In a fresh process, as `aaekit
+    run`
+    is; with glibc's default thresholds this bf16 step faults ~240 pages (4 KiB) a step, ~960 with 1000
+    units."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt
+        _ = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         pytest.skip("not glibc")
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, str(tmp_path)], capture_output=True,
-                         text=True, cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_STEP, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     assert float(out.strip().splitlines()[-1]) < 20

@@ -7,20 +7,22 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, aaekit, prepared_trainer, tiny_run_args
-
 from aaekit.checkpoint import latest_checkpoint, list_checkpoints
+from conftest import ROOT, TINY, aaekit, prepared_trainer, tiny_run_args
 
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("recipe", ["posterior_deterministic.toml", "posterior_gaussian.toml",
-                                    "posterior_universal.toml"])
+@pytest.mark.parametrize(
+    "recipe", ["posterior_deterministic.toml", "posterior_gaussian.toml", "posterior_universal.toml"]
+)
 def test_each_posterior_trains_and_writes_a_loadable_checkpoint(tmp_path, recipe):
     run_dir = tmp_path / "run"
-    out = aaekit(*tiny_run_args(f"recipes/{recipe}", run_dir, "train.checkpoint_every=2", "train.pictures=false"))
+    out = aaekit(
+        *tiny_run_args(f"recipes/{recipe}", run_dir, "train.checkpoint_every=2", "train.pictures=false")
+    )
     assert out.returncode == 0, out.stderr
     weights = load_file(str(run_dir / "model.safetensors"))
     prefixes = {key.split(".")[0] for key in weights}
@@ -29,7 +31,13 @@ def test_each_posterior_trains_and_writes_a_loadable_checkpoint(tmp_path, recipe
     assert (run_dir / "recipe.toml").exists()
     rows = metrics(run_dir)
     assert rows[-1]["step"] == 4
-    for key in ["loss/reconstruction", "loss/discriminator.z", "loss/generator.z", "accuracy/prior.z", "accuracy/code.z"]:
+    for key in [
+        "loss/reconstruction",
+        "loss/discriminator.z",
+        "loss/generator.z",
+        "accuracy/prior.z",
+        "accuracy/code.z",
+    ]:
         assert key in rows[-1]
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint.state["step"] == 4
@@ -60,9 +68,18 @@ def test_resume_continues_the_step_count_and_never_overwrites(tmp_path):
 
 
 def test_default_run_dir_gets_a_new_name_instead_of_overwriting(tmp_path):
-    args = ["run", str(ROOT / "recipes" / "gaussian.toml"), "train.max_steps=1", "train.batch_size=20",
-            "data.limit=100", "encoder.hidden=[8]", "decoder.hidden=[8]", "codes.z.discriminator.hidden=[8]",
-            "train.pictures=false", "run.name=twice"]
+    args = [
+        "run",
+        str(ROOT / "recipes" / "gaussian.toml"),
+        "train.max_steps=1",
+        "train.batch_size=20",
+        "data.limit=100",
+        "encoder.hidden=[8]",
+        "decoder.hidden=[8]",
+        "codes.z.discriminator.hidden=[8]",
+        "train.pictures=false",
+        "run.name=twice",
+    ]
     assert aaekit(*args, cwd=tmp_path).returncode == 0
     second = aaekit(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -75,36 +92,48 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "no run to resume" in out.stderr and "Traceback" not in out.stderr
 
 
-
 def test_batch_normalised_encoder_saves_its_statistics_and_evaluates_per_example(tmp_path):
     import torch
 
     import aaekit as api
 
     run_dir = tmp_path / "run"
-    out = aaekit(*tiny_run_args("recipes/posterior_deterministic.toml", run_dir, "encoder.batch_norm=true",
-                                "encoder.hidden=[32,32]", "train.pictures=false"))
+    out = aaekit(
+        *tiny_run_args(
+            "recipes/posterior_deterministic.toml",
+            run_dir,
+            "encoder.batch_norm=true",
+            "encoder.hidden=[32,32]",
+            "train.pictures=false",
+        )
+    )
     assert out.returncode == 0, out.stderr
     weights = load_file(str(run_dir / "model.safetensors"))
     means = [k for k in weights if k.startswith("encoder.trunk.") and k.endswith("running_mean")]
     assert len(means) == 2  # one per hidden layer
-    assert all(weights[k].abs().sum() > 0 for k in means)  # updated by training, not the zeros they start from
+    assert all(
+        weights[k].abs().sum() > 0 for k in means
+    )  # updated by training, not the zeros they start from
 
     run = api.load(run_dir)
     x = torch.rand(5, 784)
     with torch.no_grad():
         together = run.model.encoder(x)["z"]
-        alone = run.model.encoder(x[:1])["z"]  # running statistics, not the batch's: an example's code is its own
+        alone = run.model.encoder(x[:1])[
+            "z"
+        ]  # running statistics, not the batch's: an example's code is its own
     torch.testing.assert_close(alone[0], together[0])
 
 
 def test_gaussian_posterior_trains_on_sampled_codes(tmp_path):
-    """posterior_gaussian.toml: the engine's phases decode z ~ N(mu(x), sigma(x)^2), not mu(x) (§2); the samples
+    """posterior_gaussian.toml: the engine's phases decode z ~ N(mu(x), sigma(x)^2), not mu(x) (§2); the
+    samples
     come from the run's noise stream. Observed on the decoder's input in a real reconstruction phase."""
     import torch
 
-    trainer = prepared_trainer("recipes/posterior_gaussian.toml", tmp_path,
-                               [*TINY, "codes.z.discriminator.hidden=[16]"])
+    trainer = prepared_trainer(
+        "recipes/posterior_gaussian.toml", tmp_path, [*TINY, "codes.z.discriminator.hidden=[16]"]
+    )
     encoder = trainer.model.encoder
     index = trainer.batches.take(20)
     x = trainer.train_data.inputs(index)
@@ -112,7 +141,9 @@ def test_gaussian_posterior_trains_on_sampled_codes(tmp_path):
         mean, logvar = encoder.outputs["z"](encoder.trunk(x)).chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(min=encoder.min_logvar))
     seen = []
-    handle = trainer.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    handle = trainer.model.decoder.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach())
+    )
     try:
         trainer.reconstruction_phase(x, trainer.train_data.y[index])
     finally:

@@ -1,5 +1,7 @@
-"""Nothing aaekit loads is a pickle, and recipes are data, never executed (README): a weights file, a checkpoint,
-a recipe or an override crafted to run code when unpickled or evaluated is refused with a readable error, and its
+"""Nothing aaekit loads is a pickle, and recipes are data, never executed (README): a weights file, a
+checkpoint,
+a recipe or an override crafted to run code when unpickled or evaluated is refused with a readable error, and
+its
 code never runs (it would create a marker file)."""
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 
 import aaekit
 from aaekit.errors import UserError
-from conftest import ROOT, aaekit as run_cli, tiny_run_args
+from conftest import ROOT, tiny_run_args
+from conftest import aaekit as run_cli
 
 
 class Payload:
@@ -54,15 +57,20 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_not_run(finished, tmp_p
     plant(run_dir / "model.safetensors", marker)
     with pytest.raises(UserError, match="corrupt or unreadable safetensors.*not a pickle"):
         aaekit.load(run_dir)
-    assert_one_error_line(run_cli("eval", str(run_dir), "-n", "10", "--test-limit", "10", "--device", "cpu"),
-                          "model.safetensors: corrupt or unreadable")
-    assert_one_error_line(run_cli("sample", str(run_dir), "--out", str(tmp_path / "x.png"), "--device", "cpu"),
-                          "model.safetensors: corrupt or unreadable")
+    assert_one_error_line(
+        run_cli("eval", str(run_dir), "-n", "10", "--test-limit", "10", "--device", "cpu"),
+        "model.safetensors: corrupt or unreadable",
+    )
+    assert_one_error_line(
+        run_cli("sample", str(run_dir), "--out", str(tmp_path / "x.png"), "--device", "cpu"),
+        "model.safetensors: corrupt or unreadable",
+    )
     assert not marker.exists()
 
 
 def test_a_checkpoint_of_pickles_is_skipped_and_not_run(finished, tmp_path):
-    """Every tensor file of the newest checkpoint replaced by a pickle, and state.json rewritten to name their new
+    """Every tensor file of the newest checkpoint replaced by a pickle, and state.json rewritten to name
+    their new
     sizes (so that they pass the size check): resuming reports it and goes on from the checkpoint before; eval
     refuses it."""
     run_dir, args = tmp_path / "run", list(finished[1])
@@ -76,8 +84,12 @@ def test_a_checkpoint_of_pickles_is_skipped_and_not_run(finished, tmp_path):
         state["files"][name] = (newest / name).stat().st_size
     (newest / "state.json").write_text(json.dumps(state))
 
-    assert_one_error_line(run_cli("eval", str(run_dir), "--checkpoint", "4", "-n", "10", "--test-limit", "10",
-                                  "--device", "cpu"), "corrupt or unreadable safetensors")
+    assert_one_error_line(
+        run_cli(
+            "eval", str(run_dir), "--checkpoint", "4", "-n", "10", "--test-limit", "10", "--device", "cpu"
+        ),
+        "corrupt or unreadable safetensors",
+    )
     result = run_cli(*args, "train.max_steps=6", "--resume")
     assert result.returncode == 0, result.stderr
     assert "skipping corrupt checkpoint step-00000004" in result.stdout + result.stderr
@@ -93,11 +105,18 @@ def test_a_recipe_is_data_never_code(tmp_path):
     for recipe in (tmp_path / "recipe.py", tmp_path / "recipe.toml"):
         recipe.write_text(code)
         assert_one_error_line(run_cli("validate", str(recipe)), "not valid TOML")
-        assert_one_error_line(run_cli("run", str(recipe), "--output-dir", str(tmp_path / "r")), "not valid TOML")
+        assert_one_error_line(
+            run_cli("run", str(recipe), "--output-dir", str(tmp_path / "r")), "not valid TOML"
+        )
 
     expression = f"__import__('pathlib').Path({str(marker)!r}).touch()"
-    result = run_cli("run", str(ROOT / "recipes" / "gaussian.toml"), f"train.epochs={expression}",
-                     "--output-dir", str(tmp_path / "r"))
+    result = run_cli(
+        "run",
+        str(ROOT / "recipes" / "gaussian.toml"),
+        f"train.epochs={expression}",
+        "--output-dir",
+        str(tmp_path / "r"),
+    )
     assert_one_error_line(result, "expected an integer")
     assert "train.epochs" in result.stderr and expression in result.stderr  # quoted back as the text it is
     assert not marker.exists() and not (tmp_path / "r").exists()

@@ -1,20 +1,29 @@
 """bf16 training on a CPU with fp32 master weights.
 
 Under autocast every linear layer casts its fp32 weight to bf16 in every forward pass, and its bf16 weight
-gradient back to fp32 in the backward pass. On the paper's MNIST setting that is about 3 ms of an 18 ms bf16 step
-on a 2-core CPU, nearly as much as Adam itself (README, benchmarks). Here the layers that autocast runs in bf16
-hold bf16 weights (autocast leaves those alone), the fp32 weights live beside them as masters, and one compiled
-loop per optimizer step reads the bf16 gradients, updates the fp32 masters with Adam (or SGD) and writes the bf16
-weights, in one pass over memory. The arithmetic is autocast's: the same bf16 rounding of the same fp32 weights,
+gradient back to fp32 in the backward pass. On the paper's MNIST setting that is about 3 ms of an 18 ms bf16
+step
+on a 2-core CPU, nearly as much as Adam itself (README, benchmarks). Here the layers that autocast runs in
+bf16
+hold bf16 weights (autocast leaves those alone), the fp32 weights live beside them as masters, and one
+compiled
+loop per optimizer step reads the bf16 gradients, updates the fp32 masters with Adam (or SGD) and writes the
+bf16
+weights, in one pass over memory. The arithmetic is autocast's: the same bf16 rounding of the same fp32
+weights,
 the same bf16 products, the same fp32 optimizer.
 
 The model's ``state_dict`` returns the fp32 masters and ``load_state_dict`` fills them, so checkpoints and
-``model.safetensors`` hold fp32 weights as in every other mode (a run may resume in either mode). The optimizers'
-state has the layout of torch's Adam and SGD (``step``, ``exp_avg``, ``exp_avg_sq``; ``momentum_buffer``), in fp32.
+``model.safetensors`` hold fp32 weights as in every other mode (a run may resume in either mode). The
+optimizers'
+state has the layout of torch's Adam and SGD (``step``, ``exp_avg``, ``exp_avg_sq``; ``momentum_buffer``), in
+fp32.
 
-The loops are C, compiled once per machine with the system's C compiler into aaekit's cache and loaded with ctypes
+The loops are C, compiled once per machine with the system's C compiler into aaekit's cache and loaded with
+ctypes
 (no Python object is deserialised). They run on torch's OpenMP threads. Without a compiler, or without torch's
-OpenMP runtime, the same update runs as torch operations (fused Adam or foreach SGD on the masters, then a cast):
+OpenMP runtime, the same update runs as torch operations (fused Adam or foreach SGD on the masters, then a
+cast):
 the same numbers (Adam's to the last bit or so, SGD's exactly), slower.
 
 Under DDP the ranks' bf16 gradients are averaged by ``mean_gradients_in_fp32``, a communication hook that sums
@@ -43,18 +52,27 @@ from torch.optim.sgd import sgd as functional_sgd
 from aaekit.contracts import cache_dir
 from aaekit.cpu.runtime import openmp_runtimes
 
-# Modules whose operators autocast runs in bf16 on a CPU (casting fp32 inputs and leaving bf16 weights alone; not
+# Modules whose operators autocast runs in bf16 on a CPU (casting fp32 inputs and leaving bf16 weights alone;
+# not
 # nn.Bilinear, for example, which then fails on mixed dtypes). tests/test_master_weights.py runs each.
-LOW_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                         nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LOW_PRECISION_MODULES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
-# Adam on fp32 masters from bf16 gradients, writing the bf16 weights. Bias corrections in double as torch does;
+# Adam on fp32 masters from bf16 gradients, writing the bf16 weights. Bias corrections in double as torch
+# does;
 # bf16 rounding to nearest even, NaN kept NaN (torch's conversion). The inner loop has no aliasing and no
 # branches, so the compiler vectorises it; it multiplies by 1/sqrt(bias correction 2) where torch divides (one
 # vector division less per element: 3.4 -> 2.6 ms for the paper's 6.4 M updates a step on a 2-core Xeon, where
-# torch's fused Adam on fp32 weights takes 3.2 ms; the results differ from torch's in the last bit now and then).
+# torch's fused Adam on fp32 weights takes 3.2 ms; the results differ from torch's in the last bit now and
+# then).
 KERNEL_SOURCE = (Path(__file__).parent / "master_weights.c").read_text(encoding="utf-8")  # package data
-
 
 
 def _cpu_signature() -> str:
@@ -70,14 +88,16 @@ def _cpu_signature() -> str:
 
 
 def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | None:
-    """Compile the loop to ``target``; returns the reason where that fails. Concurrent builders (several ranks)
+    """Compile the loop to ``target``; returns the reason where that fails. Concurrent builders (several
+    ranks)
     each compile in a private folder and rename into place."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             source, built = Path(tmp) / "bf16_master.c", Path(tmp) / target.name
             source.write_text(KERNEL_SOURCE)
-            # Linked against torch's libgomp by path: the loader then reuses the copy torch has already loaded.
+            # Linked against torch's libgomp by path: the loader then reuses the copy torch has already
+            # loaded.
             cmd = [compiler, *flags, str(source), "-o", str(built), str(gomp), f"-Wl,-rpath,{gomp.parent}"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
@@ -92,21 +112,27 @@ def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | N
 def remove_stale_builds(kernels: Path, machine: str, keep: Path) -> None:
     """Builds of earlier sources of the loops for this machine kind, and builds named the way earlier aaekit
     versions named them, are never loaded again; builds for other machine kinds sharing the cache stay."""
-    stale = [*kernels.glob(f"bf16_master-{machine}-*.so"), *kernels.glob("adam_bf16_master-*.so"),
-             *kernels.glob("bf16_master-" + "?" * 16 + ".so")]
+    stale = [
+        *kernels.glob(f"bf16_master-{machine}-*.so"),
+        *kernels.glob("adam_bf16_master-*.so"),
+        *kernels.glob("bf16_master-" + "?" * 16 + ".so"),
+    ]
     for path in stale:
         if path != keep:
             path.unlink(missing_ok=True)  # a process that has it loaded keeps its mapping
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_kernel():
-    """The compiled loops (a library with ``adam_bf16_master`` and ``sgd_bf16_master``) and None, or None and the
-    reason there is none (not Linux, no torch OpenMP runtime, no compiler, compiling failed). Built once per machine
+    """The compiled loops (a library with ``adam_bf16_master`` and ``sgd_bf16_master``) and None, or None and
+    the
+    reason there is none (not Linux, no torch OpenMP runtime, no compiler, compiling failed). Built once per
+    machine
     kind and source into the cache; a cached build that does not load (e.g. truncated) is rebuilt once."""
     if not sys.platform.startswith("linux"):
         return None, "the compiled update is built on Linux only"
-    # The loop links against the OpenMP runtime torch has loaded, so it shares torch's threads (no second pool).
+    # The loop links against the OpenMP runtime torch has loaded, so it shares torch's threads (no second
+    # pool).
     runtimes = openmp_runtimes()
     if not runtimes:
         return None, "torch has loaded no OpenMP runtime to share threads with"
@@ -114,11 +140,21 @@ def compiled_kernel():
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None, "no C compiler found (set CC)"
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
-             "-std=c99"]
+    flags = [
+        "-O3",
+        "-march=native",
+        "-fno-math-errno",
+        "-ffp-contract=off",
+        "-fopenmp",
+        "-shared",
+        "-fPIC",
+        "-std=c99",
+    ]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=512")  # full-width vectors where the CPU has AVX-512
-    machine = hashlib.sha256("\n".join([compiler, *flags, str(gomp), _cpu_signature()]).encode()).hexdigest()[:12]
+    machine = hashlib.sha256("\n".join([compiler, *flags, str(gomp), _cpu_signature()]).encode()).hexdigest()[
+        :12
+    ]
     source = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:12]
     kernels = cache_dir() / "kernels"
     target = kernels / f"bf16_master-{machine}-{source}.so"
@@ -137,12 +173,35 @@ def compiled_kernel():
                 return None, f"loading {target} failed ({exc})"
             target.unlink(missing_ok=True)
     pointers, numels = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)
-    lib.adam_bf16_master.argtypes = [ctypes.c_int64, pointers, pointers, pointers, pointers, pointers, numels,
-                                     pointers, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                                     ctypes.c_double, ctypes.c_int]
-    lib.sgd_bf16_master.argtypes = [ctypes.c_int64, pointers, pointers, pointers, pointers, numels,
-                                    ctypes.POINTER(ctypes.c_int32), ctypes.c_double, ctypes.c_double,
-                                    ctypes.c_double, ctypes.c_int]
+    lib.adam_bf16_master.argtypes = [
+        ctypes.c_int64,
+        pointers,
+        pointers,
+        pointers,
+        pointers,
+        pointers,
+        numels,
+        pointers,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_int,
+    ]
+    lib.sgd_bf16_master.argtypes = [
+        ctypes.c_int64,
+        pointers,
+        pointers,
+        pointers,
+        pointers,
+        numels,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_int,
+    ]
     lib.adam_bf16_master.restype = lib.sgd_bf16_master.restype = None
     return lib, None
 
@@ -164,7 +223,9 @@ class MasterWeights:
                         if p.dtype == torch.float32 and p not in self.master_of:
                             self.master_of[p] = p.detach().clone()
                             p.data = p.data.to(torch.bfloat16)
-        self.by_name = {name: self.master_of[p] for name, p in model.named_parameters() if p in self.master_of}
+        self.by_name = {
+            name: self.master_of[p] for name, p in model.named_parameters() if p in self.master_of
+        }
         # torch marks hooks with an attribute, which bound methods do not take: plain functions are registered
         model.register_state_dict_post_hook(lambda *args: self._masters_into_state_dict(*args))
         model.register_load_state_dict_pre_hook(lambda *args: self._state_dict_into_masters(*args))
@@ -182,14 +243,20 @@ class MasterWeights:
             for name, master in self.by_name.items():
                 value = state_dict.get(prefix + name)
                 if isinstance(value, torch.Tensor) and value.shape == master.shape:
-                    master.copy_(value)  # the bf16 weight is then filled from the same value by load_state_dict
+                    master.copy_(
+                        value
+                    )  # the bf16 weight is then filled from the same value by load_state_dict
 
 
 class MasterOptimizer(torch.optim.Optimizer):
-    """An optimizer over a model's parameters where some are bf16 weights with fp32 masters (``MasterWeights``):
-    those are updated through their masters, the rest as plain fp32 parameters. Several optimizers may share one
-    ``MasterWeights`` (the encoder is updated by three phases). Its state has the layout of the torch optimizer it
-    stands for, in fp32. Subclasses give the update as torch operations (``torch_update``); ``fast_update`` may take
+    """An optimizer over a model's parameters where some are bf16 weights with fp32 masters
+    (``MasterWeights``):
+    those are updated through their masters, the rest as plain fp32 parameters. Several optimizers may share
+    one
+    ``MasterWeights`` (the encoder is updated by three phases). Its state has the layout of the torch
+    optimizer it
+    stands for, in fp32. Subclasses give the update as torch operations (``torch_update``); ``fast_update``
+    may take
     the bf16 weights in one pass instead."""
 
     def __init__(self, params, masters: MasterWeights, defaults: dict, kernel_name: str):
@@ -239,7 +306,8 @@ class MasterOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad, without its profiler span and per-call checks (called three times a training step)."""
+        """torch's zero_grad, without its profiler span and per-call checks (called three times a training
+        step)."""
         if not set_to_none:
             return super().zero_grad(set_to_none=False)
         for group in self.param_groups:
@@ -247,7 +315,8 @@ class MasterOptimizer(torch.optim.Optimizer):
                 p.grad = None
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded state to each parameter's dtype, which would round the fp32 state of bf16 weights to
+        """torch casts loaded state to each parameter's dtype, which would round the fp32 state of bf16
+        weights to
         bf16; it is put back in fp32 from the saved values."""
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
@@ -260,13 +329,32 @@ class MasterOptimizer(torch.optim.Optimizer):
 
 
 class MasterAdam(MasterOptimizer):
-    """Adam (AdamW with ``decoupled=True``): bf16 weights through the compiled loop where it is built, else (and
+    """Adam (AdamW with ``decoupled=True``): bf16 weights through the compiled loop where it is built, else
+    (and
     fp32 parameters always) torch's fused Adam."""
 
-    def __init__(self, params, masters: MasterWeights, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = False):
-        super().__init__(params, masters, {"lr": lr, "betas": tuple(betas), "eps": eps,
-                                           "weight_decay": weight_decay, "decoupled": decoupled}, "adam_bf16_master")
+    def __init__(
+        self,
+        params,
+        masters: MasterWeights,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ):
+        super().__init__(
+            params,
+            masters,
+            {
+                "lr": lr,
+                "betas": tuple(betas),
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "decoupled": decoupled,
+            },
+            "adam_bf16_master",
+        )
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -279,10 +367,23 @@ class MasterAdam(MasterOptimizer):
     def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
         states = [self._state(p) for p in owners]
         beta1, beta2 = group["betas"]
-        functional_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-                        [s["step"] for s in states], fused=True, decoupled_weight_decay=group["decoupled"],
-                        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        functional_adam(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            fused=True,
+            decoupled_weight_decay=group["decoupled"],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
     def fast_update(self, group: dict, low: list) -> bool:
         if self.kernel is None:
@@ -290,26 +391,57 @@ class MasterAdam(MasterOptimizer):
 
         def build():
             states = [self._state(p) for p in low]
-            return (_pointer_array([self.masters.master_of[p] for p in low]),
-                    _pointer_array([s["exp_avg"] for s in states]), _pointer_array([s["exp_avg_sq"] for s in states]),
-                    _pointer_array(low), (ctypes.c_int64 * len(low))(*(p.numel() for p in low)),
-                    _pointer_array([s["step"] for s in states]))
+            return (
+                _pointer_array([self.masters.master_of[p] for p in low]),
+                _pointer_array([s["exp_avg"] for s in states]),
+                _pointer_array([s["exp_avg_sq"] for s in states]),
+                _pointer_array(low),
+                (ctypes.c_int64 * len(low))(*(p.numel() for p in low)),
+                _pointer_array([s["step"] for s in states]),
+            )
 
         masters, exp_avgs, exp_avg_sqs, weights, numels, steps = self.cached_pointers(low, build)
         beta1, beta2 = group["betas"]
-        self.kernel(len(low), masters, exp_avgs, exp_avg_sqs, self.gradient_pointers(low), weights, numels, steps,
-                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"], int(group["decoupled"]))
+        self.kernel(
+            len(low),
+            masters,
+            exp_avgs,
+            exp_avg_sqs,
+            self.gradient_pointers(low),
+            weights,
+            numels,
+            steps,
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
+            group["weight_decay"],
+            int(group["decoupled"]),
+        )
         return True
 
 
 class MasterSGD(MasterOptimizer):
-    """SGD with momentum (the semi-supervised recipes' classification phase): bf16 weights through the compiled
-    loop where it is built, else (and fp32 parameters always) torch's foreach SGD; the same numbers either way."""
+    """SGD with momentum (the semi-supervised recipes' classification phase): bf16 weights through the
+    compiled
+    loop where it is built, else (and fp32 parameters always) torch's foreach SGD; the same numbers either
+    way."""
 
-    def __init__(self, params, masters: MasterWeights, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0):
-        super().__init__(params, masters, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
-                                           "weight_decay": weight_decay}, "sgd_bf16_master")
+    def __init__(
+        self,
+        params,
+        masters: MasterWeights,
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(
+            params,
+            masters,
+            {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay},
+            "sgd_bf16_master",
+        )
 
     def fast_update(self, group: dict, low: list) -> bool:
         if self.kernel is None:
@@ -324,24 +456,49 @@ class MasterSGD(MasterOptimizer):
 
         def build():
             masters = [self.masters.master_of[p] for p in low]
-            buffers = [s["momentum_buffer"] for s in states] if group["momentum"] else masters  # unused without
-            return (_pointer_array(masters), _pointer_array(buffers), _pointer_array(low),
-                    (ctypes.c_int64 * len(low))(*(p.numel() for p in low)))
+            buffers = (
+                [s["momentum_buffer"] for s in states] if group["momentum"] else masters
+            )  # unused without
+            return (
+                _pointer_array(masters),
+                _pointer_array(buffers),
+                _pointer_array(low),
+                (ctypes.c_int64 * len(low))(*(p.numel() for p in low)),
+            )
 
         if any(first):  # new buffers: new pointers
             self._pointers.pop(tuple(map(id, low)), None)
         masters_p, buffers, weights, numels = self.cached_pointers(low, build)
-        self.kernel(len(low), masters_p, buffers, self.gradient_pointers(low), weights, numels,
-                    (ctypes.c_int32 * len(low))(*first), group["lr"], group["momentum"], group["weight_decay"],
-                    int(group["nesterov"]))
+        self.kernel(
+            len(low),
+            masters_p,
+            buffers,
+            self.gradient_pointers(low),
+            weights,
+            numels,
+            (ctypes.c_int32 * len(low))(*first),
+            group["lr"],
+            group["momentum"],
+            group["weight_decay"],
+            int(group["nesterov"]),
+        )
         return True
 
     def torch_update(self, group: dict, params: list, grads: list, owners: list) -> None:
         states = [self.state[p] for p in owners]
         buffers = [s.get("momentum_buffer") for s in states]
-        functional_sgd(params, grads, buffers, foreach=True, weight_decay=group["weight_decay"],
-                       momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=group["nesterov"],
-                       maximize=False)
+        functional_sgd(
+            params,
+            grads,
+            buffers,
+            foreach=True,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=0.0,
+            nesterov=group["nesterov"],
+            maximize=False,
+        )
         if group["momentum"]:
             for state, buffer in zip(states, buffers):  # created on the first step
                 state["momentum_buffer"] = buffer
@@ -349,9 +506,11 @@ class MasterSGD(MasterOptimizer):
 
 def mean_gradients_in_fp32(process_group, bucket):
     """DDP communication hook for bf16 weights: the ranks' bf16 gradients are summed in fp32 (exact for bf16
-    values of any ordinary spread), divided once and rounded to bf16 once. DDP's own hook divides and sums in the
+    values of any ordinary spread), divided once and rounded to bf16 once. DDP's own hook divides and sums in
+    the
     gradients' dtype, which with three or more ranks rounds every partial sum: measured with four gloo ranks,
-    31 % of a layer's averaged gradients off by at least one bf16 step. fp32 buckets are averaged as DDP does."""
+    31 % of a layer's averaged gradients off by at least one bf16 step. fp32 buckets are averaged as DDP
+    does."""
     import torch.distributed as dist
 
     group = process_group if process_group is not None else dist.group.WORLD

@@ -28,15 +28,17 @@ def keep_freed_memory() -> bool:
 
 def openmp_runtimes() -> list[Path]:
     """The OpenMP runtimes this process has loaded (libgomp, or an LLVM/Intel one: all export the GOMP_ entry
-    points): torch's own copy where its wheel brings one, else every one loaded (a build that links the system's)."""
+    points): torch's own copy where its wheel brings one, else every one loaded (a build that links the
+    system's)."""
     import torch
 
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
         return []
-    paths = sorted({line.split()[-1] for line in maps.splitlines()
-                    if re.search(r"/lib(gomp|omp|iomp5)[^/]*\.so", line)})
+    paths = sorted(
+        {line.split()[-1] for line in maps.splitlines() if re.search(r"/lib(gomp|omp|iomp5)[^/]*\.so", line)}
+    )
     torch_dir = str(Path(torch.__file__).parent)
     return [Path(p) for p in ([p for p in paths if p.startswith(torch_dir)] or paths)]
 
@@ -54,13 +56,18 @@ def _openmp_libraries() -> list[ctypes.CDLL]:
 
 
 def set_flush_denormals(on: bool) -> int:
-    """Flush denormal numbers (below ~1.2e-38 in fp32 and bf16) to zero on every thread that computes for torch.
+    """Flush denormal numbers (below ~1.2e-38 in fp32 and bf16) to zero on every thread that computes for
+    torch.
 
-    Adam's running averages of units whose gradients have gone to zero decay geometrically through the denormal
-    range, and a CPU handles denormals by a slow path: on the paper's MNIST setting about 1 % of Adam's state was
-    denormal after 240 steps and the fp32 step had slowed from 26 to 29-38 ms (23-25 ms with flushing). The flag
+    Adam's running averages of units whose gradients have gone to zero decay geometrically through the
+    denormal
+    range, and a CPU handles denormals by a slow path: on the paper's MNIST setting about 1 % of Adam's state
+    was
+    denormal after 240 steps and the fp32 step had slowed from 26 to 29-38 ms (23-25 ms with flushing). The
+    flag
     lives in each thread's floating-point control register and torch.set_flush_denormal sets only the calling
-    thread, so it is also set inside one parallel region of torch's OpenMP pool, whose worker threads exist as soon
+    thread, so it is also set inside one parallel region of torch's OpenMP pool, whose worker threads exist
+    as soon
     as any parallel operator has run. Returns how many threads now have it (0: this CPU has no such mode)."""
     import torch
 

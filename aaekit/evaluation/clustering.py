@@ -6,7 +6,8 @@ Every variant maps clusters to labels from the *training* split and counts error
 - ``paper``: cluster i gets the label of the training image with the highest q(y=i|x);
 - ``majority``: cluster i gets the most frequent label among the training images assigned to it;
 - ``hungarian``: a one-to-one matching of clusters to labels that maximises the training images it gets
-  right (the assignment problem, solved by scipy's ``linear_sum_assignment``). With more clusters than classes the
+  right (the assignment problem, solved by scipy's ``linear_sum_assignment``). With more clusters than
+  classes the
   unmatched clusters name no label, so their images count as errors: the strictest of the three.
 
 A cluster that names no label (-1) makes every image assigned to it an error.
@@ -40,15 +41,17 @@ def paper_cluster_labels(train_probs: torch.Tensor, train_labels: torch.Tensor) 
     return train_labels[train_probs.argmax(dim=0)]
 
 
-def majority_cluster_labels(train_assigned: torch.Tensor, train_labels: torch.Tensor, clusters: int,
-                            classes: int) -> torch.Tensor:
+def majority_cluster_labels(
+    train_assigned: torch.Tensor, train_labels: torch.Tensor, clusters: int, classes: int
+) -> torch.Tensor:
     counts = contingency(train_assigned, train_labels, clusters, classes)
     names = counts.argmax(dim=1)
     return torch.where(counts.sum(dim=1) > 0, names, torch.full_like(names, -1))
 
 
-def hungarian_cluster_labels(train_assigned: torch.Tensor, train_labels: torch.Tensor, clusters: int,
-                             classes: int) -> torch.Tensor:
+def hungarian_cluster_labels(
+    train_assigned: torch.Tensor, train_labels: torch.Tensor, clusters: int, classes: int
+) -> torch.Tensor:
     counts = contingency(train_assigned, train_labels, clusters, classes)
     names = torch.full((clusters,), -1, dtype=torch.long)
     if clusters <= classes:
@@ -63,8 +66,13 @@ def error_with(names: torch.Tensor, assigned: torch.Tensor, labels: torch.Tensor
     return (names[assigned] != labels).float().mean().item()
 
 
-def clustering_errors(train_probs: torch.Tensor, train_labels: torch.Tensor, test_probs: torch.Tensor,
-                      test_labels: torch.Tensor, classes: int) -> dict[str, float]:
+def clustering_errors(
+    train_probs: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_probs: torch.Tensor,
+    test_labels: torch.Tensor,
+    classes: int,
+) -> dict[str, float]:
     """The three clustering errors (fractions) of cluster probabilities q(y|x) of shape (n, K)."""
     train_probs, test_probs = train_probs.float().cpu(), test_probs.float().cpu()
     train_labels, test_labels = train_labels.long().cpu(), test_labels.long().cpu()
@@ -72,8 +80,14 @@ def clustering_errors(train_probs: torch.Tensor, train_labels: torch.Tensor, tes
     train_assigned, test_assigned = train_probs.argmax(dim=1), test_probs.argmax(dim=1)
     return {
         "paper": error_with(paper_cluster_labels(train_probs, train_labels), test_assigned, test_labels),
-        "majority": error_with(majority_cluster_labels(train_assigned, train_labels, clusters, classes),
-                               test_assigned, test_labels),
-        "hungarian": error_with(hungarian_cluster_labels(train_assigned, train_labels, clusters, classes),
-                                test_assigned, test_labels),
+        "majority": error_with(
+            majority_cluster_labels(train_assigned, train_labels, clusters, classes),
+            test_assigned,
+            test_labels,
+        ),
+        "hungarian": error_with(
+            hungarian_cluster_labels(train_assigned, train_labels, clusters, classes),
+            test_assigned,
+            test_labels,
+        ),
     }

@@ -24,10 +24,15 @@ def _categorical_code(run, want_classes: bool) -> str:
     for spec in model.codes:
         if spec.kind == "categorical" and (not want_classes or spec.dim == model.num_classes):
             return spec.name
-    what = f"categorical code with one category per class ({model.num_classes})" if want_classes \
+    what = (
+        f"categorical code with one category per class ({model.num_classes})"
+        if want_classes
         else "categorical code"
-    raise UserError(f"{run.run_dir}: this model has no {what}; that metric needs a recipe that declares one "
-                    "(e.g. [codes.y] kind = \"categorical\")")
+    )
+    raise UserError(
+        f"{run.run_dir}: this model has no {what}; that metric needs a recipe that declares one "
+        '(e.g. [codes.y] kind = "categorical")'
+    )
 
 
 def default_metric(run) -> str:
@@ -46,8 +51,13 @@ def evaluate_classification(run, test_limit: int = 0) -> tuple[dict, str]:
     codes, labels = _encode(run, "test", test_limit)
     predicted = codes[name].argmax(dim=1)
     error = (predicted != labels).float().mean().item()
-    result = {"metric": "classification", "run": str(run.run_dir), "code": name, "test_examples": len(labels),
-              "error": error}
+    result = {
+        "metric": "classification",
+        "run": str(run.run_dir),
+        "code": name,
+        "test_examples": len(labels),
+        "error": error,
+    }
     return result, f"{run.run_dir}: test classification error {100 * error:.2f}% ({len(labels)} images)"
 
 
@@ -58,12 +68,22 @@ def evaluate_clustering(run, test_limit: int = 0) -> tuple[dict, str]:
     name = _categorical_code(run, want_classes=False)
     train_codes, train_labels = _encode(run, "train")
     test_codes, test_labels = _encode(run, "test", test_limit)
-    errors = clustering_errors(train_codes[name], train_labels, test_codes[name], test_labels, run.model.num_classes)
+    errors = clustering_errors(
+        train_codes[name], train_labels, test_codes[name], test_labels, run.model.num_classes
+    )
     used = int(test_codes[name].argmax(dim=1).unique().numel())
-    result = {"metric": "clustering", "run": str(run.run_dir), "code": name, "clusters": train_codes[name].shape[1],
-              "clusters_used_on_test": used, "test_examples": len(test_labels),
-              **{f"error.{k}": v for k, v in errors.items()}}
-    summary = (f"{run.run_dir}: test clustering error {100 * errors['paper']:.2f}% (paper protocol), "
-               f"{100 * errors['majority']:.2f}% (majority), {100 * errors['hungarian']:.2f}% (Hungarian); "
-               f"{used}/{result['clusters']} clusters used")
+    result = {
+        "metric": "clustering",
+        "run": str(run.run_dir),
+        "code": name,
+        "clusters": train_codes[name].shape[1],
+        "clusters_used_on_test": used,
+        "test_examples": len(test_labels),
+        **{f"error.{k}": v for k, v in errors.items()},
+    }
+    summary = (
+        f"{run.run_dir}: test clustering error {100 * errors['paper']:.2f}% (paper protocol), "
+        f"{100 * errors['majority']:.2f}% (majority), {100 * errors['hungarian']:.2f}% (Hungarian); "
+        f"{used}/{result['clusters']} clusters used"
+    )
     return result, summary

@@ -20,7 +20,8 @@ import time
 import torch
 
 DEFAULT_SIGMAS = tuple(round(float(s), 4) for s in torch.logspace(math.log10(0.05), math.log10(1.0), 20))
-# Points of the fine grid between the neighbours of the best grid value (two steps of the default grid: 1.6 % apart).
+# Points of the fine grid between the neighbours of the best grid value (two steps of the default grid: 1.6 %
+# apart).
 REFINE_POINTS = 21
 
 
@@ -31,10 +32,13 @@ def squared_distances(x: torch.Tensor, samples: torch.Tensor, samples_sq: torch.
 
 
 @torch.no_grad()
-def parzen_log_likelihoods(x: torch.Tensor, samples: torch.Tensor, sigmas, batch_size: int = 256) -> torch.Tensor:
+def parzen_log_likelihoods(
+    x: torch.Tensor, samples: torch.Tensor, sigmas, batch_size: int = 256
+) -> torch.Tensor:
     """Per-example log p(x) under the Parzen window of ``samples``, for every sigma: (len(sigmas), n).
 
-    Computed in the dtype of ``samples`` (float32 is accurate to ~1e-3 nats on MNIST; pass float64 for more)."""
+    Computed in the dtype of ``samples`` (float32 is accurate to ~1e-3 nats on MNIST; pass float64 for
+    more)."""
     samples = samples.reshape(samples.shape[0], -1)
     x = x.reshape(x.shape[0], -1).to(samples.device, samples.dtype)
     n_samples, dim = samples.shape
@@ -42,14 +46,14 @@ def parzen_log_likelihoods(x: torch.Tensor, samples: torch.Tensor, sigmas, batch
     if (sigmas_t <= 0).any():
         raise ValueError("every sigma must be positive")
     # log N + (D/2) log(2 pi sigma^2), per sigma
-    normaliser = math.log(n_samples) + 0.5 * dim * torch.log(2 * math.pi * sigmas_t ** 2)
-    scale = 1.0 / (2.0 * sigmas_t ** 2)
+    normaliser = math.log(n_samples) + 0.5 * dim * torch.log(2 * math.pi * sigmas_t**2)
+    scale = 1.0 / (2.0 * sigmas_t**2)
     samples_sq = (samples * samples).sum(dim=1)
     out = torch.empty(len(sigmas_t), x.shape[0], dtype=samples.dtype, device=samples.device)
     for start in range(0, x.shape[0], batch_size):
-        d2 = squared_distances(x[start:start + batch_size], samples, samples_sq)
+        d2 = squared_distances(x[start : start + batch_size], samples, samples_sq)
         for k in range(len(sigmas_t)):
-            out[k, start:start + d2.shape[0]] = torch.logsumexp(d2 * -scale[k], dim=1) - normaliser[k]
+            out[k, start : start + d2.shape[0]] = torch.logsumexp(d2 * -scale[k], dim=1) - normaliser[k]
     return out
 
 
@@ -60,9 +64,16 @@ def mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def parzen_estimate(samples: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, sigmas=DEFAULT_SIGMAS,
-                    batch_size: int = 256, refine: bool = True) -> dict:
-    """Choose sigma on ``validation`` (highest mean log-likelihood), then score ``test`` with it. With ``refine``
+def parzen_estimate(
+    samples: torch.Tensor,
+    validation: torch.Tensor,
+    test: torch.Tensor,
+    sigmas=DEFAULT_SIGMAS,
+    batch_size: int = 256,
+    refine: bool = True,
+) -> dict:
+    """Choose sigma on ``validation`` (highest mean log-likelihood), then score ``test`` with it. With
+    ``refine``
     and the grid's best value inside the grid, sigma is then the best of a fine log-spaced grid between that
     value's two neighbours (the grid's best included)."""
     sigmas = [float(s) for s in sigmas]
@@ -99,14 +110,25 @@ def parzen_estimate(samples: torch.Tensor, validation: torch.Tensor, test: torch
     }
     if len(sigmas) > 1 and not inside:
         edge = "smallest" if best == 0 else "largest"
-        result["warning"] = (f"the chosen sigma {sigma} is the {edge} of the grid; widen the grid (--sigmas) "
-                             "so the best value is inside it")
+        result["warning"] = (
+            f"the chosen sigma {sigma} is the {edge} of the grid; widen the grid (--sigmas) "
+            "so the best value is inside it"
+        )
     return result
 
 
 @torch.no_grad()
-def evaluate_run(run, *, num_samples: int = 10_000, sigmas=DEFAULT_SIGMAS, validation_size: int = 1000,
-                 test_limit: int = 0, seed: int = 0, batch_size: int = 256, refine: bool = True) -> dict:
+def evaluate_run(
+    run,
+    *,
+    num_samples: int = 10_000,
+    sigmas=DEFAULT_SIGMAS,
+    validation_size: int = 1000,
+    test_limit: int = 0,
+    seed: int = 0,
+    batch_size: int = 256,
+    refine: bool = True,
+) -> dict:
     """Parzen log-likelihood of a loaded run (``aaekit.load``) on its dataset's test split.
 
     sigma is chosen on the run's own held-out validation split when the recipe kept one (data.validation),
@@ -131,10 +153,22 @@ def evaluate_run(run, *, num_samples: int = 10_000, sigmas=DEFAULT_SIGMAS, valid
     to_rows = lambda d: DeviceData(d, device).inputs(torch.arange(len(d), device=device))  # noqa: E731
     generator_seed = seed
     started = time.perf_counter()
-    samples = torch.cat([run.sample(min(2000, num_samples - i), seed=generator_seed + i)
-                         for i in range(0, num_samples, 2000)]).reshape(num_samples, -1).float()
+    samples = (
+        torch.cat(
+            [
+                run.sample(min(2000, num_samples - i), seed=generator_seed + i)
+                for i in range(0, num_samples, 2000)
+            ]
+        )
+        .reshape(num_samples, -1)
+        .float()
+    )
     sampling_seconds = time.perf_counter() - started
     result = parzen_estimate(samples, to_rows(validation), to_rows(test), sigmas, batch_size, refine)
-    result.update(run_dir=str(run.run_dir), validation_from=validation_from, seed=seed,
-                  sampling_seconds=round(sampling_seconds, 3))
+    result.update(
+        run_dir=str(run.run_dir),
+        validation_from=validation_from,
+        seed=seed,
+        sampling_seconds=round(sampling_seconds, 3),
+    )
     return result

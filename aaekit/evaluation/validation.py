@@ -22,7 +22,7 @@ def encode_split(model: AAE, data: DeviceData, accelerator=None, batch_size: int
     model.eval()
     generator = torch.Generator(device=data.y.device).manual_seed(1234)
     for start in range(0, len(shard), batch_size):
-        index = shard[start:start + batch_size]
+        index = shard[start : start + batch_size]
         x = data.inputs(index)
         codes = model.encoder(x, generator=generator)
         recon = model.to_data_space(model.decoder(model.decoder_input(codes, data.y[index])).float())

@@ -1,6 +1,7 @@
 """Pictures of the label-aware modes, written by ``write_pictures`` where they apply:
 
-- ``style.png`` (§4, the paper's Figure 7): decoder takes the label; rows share one z, columns are the classes;
+- ``style.png`` (§4, the paper's Figure 7): decoder takes the label; rows share one z, columns are the
+classes;
 - ``clusters.png`` (§6, Figure 9): one row per cluster of a categorical code, test images assigned to it;
 - ``latent.png`` for a head that builds a 2-D decoder input (§7, Figure 10): the test set's W_c·y + z
   coloured by label, with the points the head names as ``landmarks()`` (the cluster heads) marked.
@@ -62,7 +63,9 @@ def write_clusters(trainer, run_dir: Path, encoded, per_row: int = 20) -> Path |
 @torch.no_grad()
 def write_head_latent(trainer, run_dir: Path, encoded) -> Path | None:
     model = trainer.model
-    head = next((h for h in model.heads.values() if h.decoder_input_dim == 2 and hasattr(h, "landmarks")), None)
+    head = next(
+        (h for h in model.heads.values() if h.decoder_input_dim == 2 and hasattr(h, "landmarks")), None
+    )
     if head is None:
         return None
     _, codes, labels = encoded
@@ -93,7 +96,9 @@ def write_mode_pictures(trainer, run_dir: Path, generator) -> tuple[list[Path], 
     if len(model.input_shape) != 2:
         return [], False
     written = [write_style(model, run_dir, generator)]
-    if any(s.kind == "categorical" for s in model.codes) or any(h.decoder_input_dim == 2 for h in model.heads.values()):
+    if any(s.kind == "categorical" for s in model.codes) or any(
+        h.decoder_input_dim == 2 for h in model.heads.values()
+    ):
         encoded = test_codes(trainer)
         written += [write_clusters(trainer, run_dir, encoded), write_head_latent(trainer, run_dir, encoded)]
     latent = run_dir / "latent.png" in written

@@ -14,14 +14,18 @@ from aaekit.pictures import image_grid, save_grid
 
 def _check_image(run) -> None:
     if len(run.model.input_shape) != 2:
-        raise UserError(f"{run.run_dir}: examples of shape {run.model.input_shape} are not images; "
-                        "use aaekit.load(...).sample(n) from Python instead")
+        raise UserError(
+            f"{run.run_dir}: examples of shape {run.model.input_shape} are not images; "
+            "use aaekit.load(...).sample(n) from Python instead"
+        )
 
 
 def per_label(run) -> bool:
     """Whether sampling can pick labels: the decoder takes one, or a prior's components are the classes."""
     m = run.model
-    return bool(m.num_classes) and (m.label_input or any(p.num_components == m.num_classes for p in m.priors.values()))
+    return bool(m.num_classes) and (
+        m.label_input or any(p.num_components == m.num_classes for p in m.priors.values())
+    )
 
 
 def write_samples(run, out: Path, num: int | None, labels: list[int] | None, seed: int) -> tuple[int, int]:
@@ -44,8 +48,9 @@ def write_samples(run, out: Path, num: int | None, labels: list[int] | None, see
     return rows, cols
 
 
-def write_interpolation(run, out: Path, walks: int, steps: int, labels: list[int] | None,
-                        seed: int) -> tuple[int, int]:
+def write_interpolation(
+    run, out: Path, walks: int, steps: int, labels: list[int] | None, seed: int
+) -> tuple[int, int]:
     """One walk per row (label i of ``labels`` for row i, cycled), ``steps`` images along it."""
     _check_image(run)
     row_labels = torch.tensor(labels).repeat(math.ceil(walks / len(labels)))[:walks] if labels else None

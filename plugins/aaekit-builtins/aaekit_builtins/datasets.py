@@ -1,6 +1,9 @@
-"""MNIST from local idx .gz files (or the Hugging Face hub), converted once to an Arrow file in the cache and held
-by the engine as one uint8 tensor. The Arrow cache files of every built-in dataset are written and read here, with
-pyarrow alone: MNIST's local files never need ``datasets``, which only its hub path imports (the ``hf`` dataset
+"""MNIST from local idx .gz files (or the Hugging Face hub), converted once to an Arrow file in the cache and
+held
+by the engine as one uint8 tensor. The Arrow cache files of every built-in dataset are written and read here,
+with
+pyarrow alone: MNIST's local files never need ``datasets``, which only its hub path imports (the ``hf``
+dataset
 reads every source through ``datasets``, then caches its result with these functions)."""
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def read_idx(path: Path) -> np.ndarray:
         zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
         if zero != 0 or dtype_code != 0x08:
             raise ValueError("not an idx file of unsigned bytes")
-        dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         if data.size != int(np.prod(dims)):
             raise ValueError(f"expected {int(np.prod(dims))} values, found {data.size}")
@@ -70,7 +73,9 @@ def write_arrow(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     import pyarrow as pa
 
     n, width = x.shape
-    values = pa.Array.from_buffers(pa.from_numpy_dtype(x.dtype), n * width, [None, pa.py_buffer(np.ascontiguousarray(x))])
+    values = pa.Array.from_buffers(
+        pa.from_numpy_dtype(x.dtype), n * width, [None, pa.py_buffer(np.ascontiguousarray(x))]
+    )
     labels = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(np.ascontiguousarray(y))])
     batch = pa.record_batch([pa.FixedSizeListArray.from_arrays(values, width), labels], names=["x", "y"])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
@@ -98,8 +103,14 @@ class MNIST(Dataset):
     input_shape = (28, 28)
     num_classes = 10
     params = {
-        "path": Param(str, "", help="folder of the four idx .gz files; default: AAEKIT_DATA_DIR, then ../shared/data/mnist"),
-        "source": Param(str, "auto", choices=("auto", "local", "hub"), help="auto: local files if found, else the hub"),
+        "path": Param(
+            str,
+            "",
+            help="folder of the four idx .gz files; default: AAEKIT_DATA_DIR, then ../shared/data/mnist",
+        ),
+        "source": Param(
+            str, "auto", choices=("auto", "local", "hub"), help="auto: local files if found, else the hub"
+        ),
         "hub_id": Param(str, "ylecun/mnist"),
         "limit": Param(int, 0, min=0, help="use only the first N training images (0: all)"),
     }
@@ -117,10 +128,14 @@ class MNIST(Dataset):
         local = find_local(self.path) if self.source != "hub" else None
         if local is None and self.source == "local" or (self.path and local is None):
             where = self.path or "AAEKIT_DATA_DIR or ../shared/data/mnist"
-            raise UserError(f"data.path: no MNIST idx files ({', '.join(FILES['train'] + FILES['test'])}) in {where}; "
-                            "point data.path (or AAEKIT_DATA_DIR) at the folder that holds them")
+            raise UserError(
+                f"data.path: no MNIST idx files ({', '.join(FILES['train'] + FILES['test'])}) in {where}; "
+                "point data.path (or AAEKIT_DATA_DIR) at the folder that holds them"
+            )
         if local is not None:
-            stamp = "|".join(f"{f}:{(local / f).stat().st_size}:{(local / f).stat().st_mtime_ns}" for f in FILES[split])
+            stamp = "|".join(
+                f"{f}:{(local / f).stat().st_size}:{(local / f).stat().st_mtime_ns}" for f in FILES[split]
+            )
             key = hashlib.sha256(f"{local}|{stamp}".encode()).hexdigest()[:16]
         else:
             key = hashlib.sha256(f"hub|{self.hub_id}".encode()).hexdigest()[:16]
@@ -133,8 +148,10 @@ class MNIST(Dataset):
         if local is not None:
             images, labels = (read_idx(local / f) for f in FILES[split])
             if images.shape[0] != labels.shape[0]:
-                raise UserError(f"{local}: {FILES[split][0]} has {images.shape[0]} images but "
-                                f"{FILES[split][1]} has {labels.shape[0]} labels")
+                raise UserError(
+                    f"{local}: {FILES[split][0]} has {images.shape[0]} images but "
+                    f"{FILES[split][1]} has {labels.shape[0]} labels"
+                )
         else:
             images, labels = self._from_hub(split)
         labels = labels.astype(np.int64)
@@ -143,7 +160,8 @@ class MNIST(Dataset):
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_arrow(tmp, images.reshape(len(images), -1), labels)
             os.replace(tmp, cached)
-            legacy = cached.with_suffix("")  # the folder an earlier aaekit wrote with ``datasets``' save_to_disk
+            # the folder an earlier aaekit wrote with ``datasets``' save_to_disk
+            legacy = cached.with_suffix("")
             if legacy.is_dir():
                 shutil.rmtree(legacy, ignore_errors=True)
         except OSError:  # a read-only cache only costs the conversion next time

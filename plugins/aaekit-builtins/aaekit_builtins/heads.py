@@ -9,13 +9,14 @@ from torch import nn
 from aaekit.plugin import Head, Param, hookimpl
 
 
-
 class ClassifierHead(Head):
     """Semi-supervised phase (§5): cross-entropy of q(y|x) on labelled mini-batches."""
 
     name = "classifier"
-    params = {"code": Param(str, "y", help="the categorical code that predicts the label"),
-              "weight": Param(float, 1.0, min=0)}
+    params = {
+        "code": Param(str, "y", help="the categorical code that predicts the label"),
+        "weight": Param(float, 1.0, min=0),
+    }
 
     def __init__(self, *, code: str = "y", weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -25,12 +26,17 @@ class ClassifierHead(Head):
     def check_recipe(cls, params, context):
         code = context["codes"].get(params["code"])
         if code is None:
-            return [f"code: no code named {params['code']!r}; declare [codes.{params['code']}] kind = \"categorical\""]
+            return [
+                f"code: no code named {params['code']!r}; declare [codes.{params['code']}] kind = "
+                f'"categorical"'
+            ]
         if code["kind"] != "categorical":
             return [f"code: {params['code']!r} must be categorical to classify"]
         if context["num_classes"] and code["dim"] != context["num_classes"]:
-            return [f"code: {params['code']!r} has {code['dim']} categories but the dataset has "
-                    f"{context['num_classes']} classes"]
+            return [
+                f"code: {params['code']!r} has {code['dim']} categories but the dataset has "
+                f"{context['num_classes']} classes"
+            ]
         return []
 
     def classification_loss(self, codes, labels):
@@ -55,13 +61,23 @@ class ClusterHeadsHead(Head):
         "init_std": Param(float, 1.0, min=0, help="std of the heads' N(0, std^2) initial values"),
     }
 
-    def __init__(self, *, code_y: str = "y", code_z: str = "z", eta: float = 1.0, weight: float = 1.0,
-                 init_std: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        code_y: str = "y",
+        code_z: str = "z",
+        eta: float = 1.0,
+        weight: float = 1.0,
+        init_std: float = 1.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         dims = {c.name: c.dim for c in self.codes}
         self.code_y, self.code_z, self.eta, self.weight = code_y, code_z, eta, weight
         self.decoder_input_dim = dims[code_z]
-        self.heads = nn.Parameter(torch.randn(dims[code_y], dims[code_z]) * init_std)  # W_c, one row per cluster
+        self.heads = nn.Parameter(
+            torch.randn(dims[code_y], dims[code_z]) * init_std
+        )  # W_c, one row per cluster
 
     @classmethod
     def check_recipe(cls, params, context):
@@ -69,14 +85,20 @@ class ClusterHeadsHead(Head):
         for key, kind in (("code_y", "categorical"), ("code_z", "continuous")):
             code = context["codes"].get(params[key])
             if code is None:
-                problems.append(f"{key}: no code named {params[key]!r}; declare [codes.{params[key]}] kind = \"{kind}\"")
+                problems.append(
+                    f'{key}: no code named {params[key]!r}; declare [codes.{params[key]}] kind = "{kind}"'
+                )
             elif code["kind"] != kind:
                 problems.append(f"{key}: code {params[key]!r} must be {kind}")
         if len(context["codes"]) != 2 and not problems:
-            problems.append("name: cluster_heads builds the decoder input from exactly its two codes; "
-                            f"the recipe declares {len(context['codes'])}")
+            problems.append(
+                "name: cluster_heads builds the decoder input from exactly its two codes; "
+                f"the recipe declares {len(context['codes'])}"
+            )
         if context["decoder"].get("label_input"):
-            problems.append("name: cluster_heads builds the decoder input itself; set decoder.label_input = false")
+            problems.append(
+                "name: cluster_heads builds the decoder input itself; set decoder.label_input = false"
+            )
         return problems
 
     def decoder_input(self, codes, labels):

@@ -7,32 +7,49 @@ from torch import nn
 
 from aaekit.plugin import CodeSpec, Param, Posterior, hookimpl, mlp
 
-
-
 TRUNK_PARAMS = {
-    "batch_norm": Param(bool, False, help="batch-normalise every hidden layer of the encoder before its ReLU"),
-    "input_dropout": Param(float, 0.0, min=0.0, max=0.9,
-                           help="while training, zero this fraction of the encoder's input values (scaled up to keep "
-                                "the mean), drawn from the run's noise stream so that resuming stays exact"),
-    "logit_batch_norm": Param(bool, False,
-                              help="batch-normalise the logits of every categorical code (learned scale and shift) "
-                                   "before the softmax, so that q(y|x) can grow nearly one-hot"),
+    "batch_norm": Param(
+        bool, False, help="batch-normalise every hidden layer of the encoder before its ReLU"
+    ),
+    "input_dropout": Param(
+        float,
+        0.0,
+        min=0.0,
+        max=0.9,
+        help="while training, zero this fraction of the encoder's input values (scaled up to keep "
+        "the mean), drawn from the run's noise stream so that resuming stays exact",
+    ),
+    "logit_batch_norm": Param(
+        bool,
+        False,
+        help="batch-normalise the logits of every categorical code (learned scale and shift) "
+        "before the softmax, so that q(y|x) can grow nearly one-hot",
+    ),
 }
 
 
 class MLPPosterior(Posterior):
     """An MLP trunk with one output layer per code; categorical codes are a softmax."""
 
-    def __init__(self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], extra_inputs: int = 0,
-                 batch_norm: bool = False, input_dropout: float = 0.0, logit_batch_norm: bool = False, **params):
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        codes: list[CodeSpec],
+        hidden: list[int],
+        extra_inputs: int = 0,
+        batch_norm: bool = False,
+        input_dropout: float = 0.0,
+        logit_batch_norm: bool = False,
+        **params,
+    ):
         super().__init__(input_dim=input_dim, codes=codes, hidden=hidden)
         self.input_dropout = input_dropout
         last_norm = [nn.BatchNorm1d(hidden[-1])] if batch_norm else []
-        self.trunk = nn.Sequential(mlp([input_dim + extra_inputs, *hidden], batch_norm=batch_norm), *last_norm,
-                                   nn.ReLU())
-        self.outputs = nn.ModuleDict(
-            {c.name: nn.Linear(hidden[-1], self.output_size(c)) for c in codes}
+        self.trunk = nn.Sequential(
+            mlp([input_dim + extra_inputs, *hidden], batch_norm=batch_norm), *last_norm, nn.ReLU()
         )
+        self.outputs = nn.ModuleDict({c.name: nn.Linear(hidden[-1], self.output_size(c)) for c in codes})
         self.logit_norms = nn.ModuleDict(
             {c.name: nn.BatchNorm1d(c.dim) for c in codes if logit_batch_norm and c.kind == "categorical"}
         )
@@ -47,7 +64,8 @@ class MLPPosterior(Posterior):
         return x
 
     def dropped_out(self, x: torch.Tensor, generator) -> torch.Tensor:
-        # our own mask rather than nn.Dropout: torch's global RNG is not part of a checkpoint, the noise stream is
+        # our own mask rather than nn.Dropout: torch's global RNG is not part of a checkpoint, the noise
+        # stream is
         keep = 1.0 - self.input_dropout
         mask = torch.rand(x.shape, generator=generator, device=x.device) < keep
         return x * mask.to(x.dtype) / keep
@@ -80,8 +98,10 @@ class GaussianPosterior(MLPPosterior):
     """z ~ N(mu(x), sigma(x)^2), reparameterised; the mean when evaluating."""
 
     name = "gaussian"
-    params = {**TRUNK_PARAMS,
-              "min_logvar": Param(float, -10.0, help="lower clamp on log sigma^2, for stability")}
+    params = {
+        **TRUNK_PARAMS,
+        "min_logvar": Param(float, -10.0, help="lower clamp on log sigma^2, for stability"),
+    }
 
     def __init__(self, *, min_logvar: float = -10.0, **kwargs):
         self.min_logvar = min_logvar
@@ -118,7 +138,9 @@ class UniversalPosterior(MLPPosterior):
         if self.noise_kind == "gaussian":
             eta = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype) * self.noise_std
         else:
-            eta = (torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * self.noise_std
+            eta = (
+                torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+            ) * self.noise_std
         return torch.cat([x, eta], dim=1)
 
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from aaekit.plugin import Param, Prior, hookimpl
 
 
-
 class GaussianPrior(Prior):
     """N(mean, std^2 I) in any dimension (the paper's likelihood setting uses std 5)."""
 
@@ -38,7 +37,11 @@ class UniformPrior(Prior):
 
     @classmethod
     def check_recipe(cls, params, context):
-        return [f"high: must be above low ({params['low']}), got {params['high']}"] if params["high"] <= params["low"] else []
+        return (
+            [f"high: must be above low ({params['low']}), got {params['high']}"]
+            if params["high"] <= params["low"]
+            else []
+        )
 
     def sample(self, n, labels=None, *, generator=None, device="cpu"):
         return self.low + (self.high - self.low) * torch.rand(n, self.dim, generator=generator, device=device)
@@ -57,8 +60,15 @@ class GaussianMixturePrior(Prior):
         "scale": Param(float, 1.0, min=0, help="multiplies every sample"),
     }
 
-    def __init__(self, dim: int, components: int = 10, shift: float = 1.4, std_along: float = 0.5,
-                 std_across: float = 0.05, scale: float = 1.0):
+    def __init__(
+        self,
+        dim: int,
+        components: int = 10,
+        shift: float = 1.4,
+        std_along: float = 0.5,
+        std_across: float = 0.05,
+        scale: float = 1.0,
+    ):
         super().__init__(dim)
         self.num_components = components
         self.shift, self.std_along, self.std_across, self.scale = shift, std_along, std_across, scale
@@ -69,7 +79,11 @@ class GaussianMixturePrior(Prior):
 
     @classmethod
     def check_recipe(cls, params, context):
-        return [] if context["dim"] >= 2 else [f"name: gmm needs a code of at least 2 dims, got {context['dim']}"]
+        return (
+            []
+            if context["dim"] >= 2
+            else [f"name: gmm needs a code of at least 2 dims, got {context['dim']}"]
+        )
 
     def sample(self, n, labels=None, *, generator=None, device="cpu"):
         if labels is None:
@@ -86,7 +100,8 @@ class GaussianMixturePrior(Prior):
 
 
 class SwissRollPrior(Prior):
-    """A 2-D swiss roll cut into K segments: u ~ U[k/K, (k+1)/K), r = radius*sqrt(u), angle = turns*2pi*sqrt(u)."""
+    """A 2-D swiss roll cut into K segments: u ~ U[k/K, (k+1)/K), r = radius*sqrt(u), angle =
+    turns*2pi*sqrt(u)."""
 
     name = "swiss_roll"
     params = {
@@ -106,12 +121,18 @@ class SwissRollPrior(Prior):
 
     @classmethod
     def check_recipe(cls, params, context):
-        return [] if context["dim"] == 2 else [f"name: swiss_roll is 2-D; set the code's dim = 2 (got {context['dim']})"]
+        return (
+            []
+            if context["dim"] == 2
+            else [f"name: swiss_roll is 2-D; set the code's dim = 2 (got {context['dim']})"]
+        )
 
     def sample(self, n, labels=None, *, generator=None, device="cpu"):
         if labels is None:
             labels = torch.randint(self.num_components, (n,), generator=generator, device=device)
-        u = (labels.to(torch.float32) + torch.rand(n, generator=generator, device=device)) / self.num_components
+        u = (
+            labels.to(torch.float32) + torch.rand(n, generator=generator, device=device)
+        ) / self.num_components
         root = torch.sqrt(u)
         r, angle = self.radius * root, self.turns * 2 * math.pi * root
         return torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=1)
@@ -122,9 +143,18 @@ class CategoricalPrior(Prior):
 
     name = "categorical"
     params = {
-        "smoothing": Param(float, 0.0, min=0, max=1, help=(
-            "mix each one-hot with a uniform point of the simplex by a weight drawn from U(0, smoothing): the "
-            "encoder's softmax is never exactly one-hot, so exact one-hots let the discriminator win on that alone")),
+        "smoothing": Param(
+            float,
+            0.0,
+            min=0,
+            max=1,
+            help=(
+                "mix each one-hot with a uniform point of the simplex by a weight drawn from U(0, "
+                "smoothing): the "
+                "encoder's softmax is never exactly one-hot, so exact one-hots let the discriminator win on "
+                "that alone"
+            ),
+        ),
     }
 
     def __init__(self, dim: int, smoothing: float = 0.0):

@@ -9,7 +9,6 @@ import torch
 
 from aaekit.plugin import ArrayData, Dataset, Param, hookimpl
 
-
 SPLIT_OFFSET = {"train": 0, "test": 1}  # each split has its own stream from the same seed
 
 
@@ -41,8 +40,12 @@ class Mixture(ToyDataset):
     """Gaussian blobs evenly spaced on a circle, labelled by blob."""
 
     name = "mixture"
-    params = {**COMMON, "components": Param(int, 8, min=2), "radius": Param(float, 4.0, min=0),
-              "std": Param(float, 0.5, min=0)}
+    params = {
+        **COMMON,
+        "components": Param(int, 8, min=2),
+        "radius": Param(float, 4.0, min=0),
+        "std": Param(float, 0.5, min=0),
+    }
 
     def __init__(self, components: int = 8, radius: float = 4.0, std: float = 0.5, **common):
         super().__init__(**common)
