@@ -10,6 +10,7 @@ from typing import Any
 
 REQUIRED = object()
 
+_PLURAL_WORDS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
@@ -41,7 +42,9 @@ class Param:
         types = self.type if isinstance(self.type, tuple) else (self.type,)
         words = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types)
         if list in types and self.item is not None:
-            words = words.replace("a list", f"a list of {_TYPE_WORDS.get(self.item, self.item.__name__)}s")
+            words = words.replace(
+                "a list", f"a list of {_PLURAL_WORDS.get(self.item, self.item.__name__ + 's')}"
+            )
         if self.choices:
             words = "one of " + ", ".join(repr(c) for c in self.choices)
         bounds = []

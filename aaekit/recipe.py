@@ -27,7 +27,12 @@ CORE: dict[str, dict[str, Param]] = {
             help="run directory name under runs/ (a plain folder name, no path); defaults to the "
             "recipe's stem",
         ),
-        "seed": Param(int, 0, min=0),
+        "seed": Param(
+            int,
+            0,
+            min=0,
+            help="seeds the weights, the batch order, the labelled subset and every noise stream",
+        ),
         "threads": Param(
             int,
             0,
@@ -35,7 +40,12 @@ CORE: dict[str, dict[str, Param]] = {
             help="CPU threads for torch's operators (0: torch's default, one per core). "
             "When other work keeps the cores busy, fewer threads can be many times faster",
         ),
-        "mixed_precision": Param(str, "no", choices=("no", "bf16", "fp16")),
+        "mixed_precision": Param(
+            str,
+            "no",
+            choices=("no", "bf16", "fp16"),
+            help="Accelerate's mixed precision; bf16 on a CPU, fp16 on GPUs only",
+        ),
         "flush_denormals": Param(
             bool,
             True,
@@ -72,21 +82,28 @@ CORE: dict[str, dict[str, Param]] = {
     },
     "encoder": {
         "name": Param(str, help='the posterior plugin: "deterministic", "gaussian" or "universal"'),
-        "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1),
+        "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1, help="sizes of the hidden layers"),
         "input_noise": Param(float, 0.0, min=0, help="std of Gaussian noise added to the encoder input (§5)"),
     },
     "decoder": {
-        "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1),
-        "output": Param(str, "sigmoid", choices=("sigmoid", "linear")),
-        "loss": Param(str, "mse", choices=("mse", "bce")),
+        "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1, help="sizes of the hidden layers"),
+        "output": Param(str, "sigmoid", choices=("sigmoid", "linear"), help="the decoder's last activation"),
+        "loss": Param(
+            str,
+            "mse",
+            choices=("mse", "bce"),
+            help="reconstruction loss: squared error or binary cross-entropy",
+        ),
         "label_input": Param(bool, False, help="feed the one-hot label to the decoder beside the codes (§4)"),
     },
     "code": {
-        "kind": Param(str, "continuous", choices=("continuous", "categorical")),
-        "dim": Param(int, min=1),
+        "kind": Param(
+            str, "continuous", choices=("continuous", "categorical"), help="a real vector, or a softmax (y)"
+        ),
+        "dim": Param(int, min=1, help="the code's size (categories, for a categorical code)"),
     },
     "discriminator": {
-        "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1),
+        "hidden": Param(list, [1000, 1000], item=int, min=1, min_len=1, help="sizes of the hidden layers"),
         "label_conditioned": Param(bool, False, help="discriminator also sees the one-hot label (§2.3)"),
         "weight": Param(float, 1.0, min=0, help="weight of this code's generator loss"),
         "lr_scale": Param(
@@ -105,17 +122,17 @@ CORE: dict[str, dict[str, Param]] = {
         ),
     },
     "optim": {
-        "name": Param(str, "adam", choices=("adam", "adamw", "sgd")),
-        "lr": Param(float, 1e-3, min=0),
-        "momentum": Param(float, 0.0, min=0, max=1),
-        "nesterov": Param(bool, False),
-        "betas": Param(list, [0.5, 0.999], item=float, min=0, max=1, min_len=2),
-        "weight_decay": Param(float, 0.0, min=0),
+        "name": Param(str, "adam", choices=("adam", "adamw", "sgd"), help="the optimizer of this phase"),
+        "lr": Param(float, 1e-3, min=0, help="learning rate (scaled by train.lr_milestones)"),
+        "momentum": Param(float, 0.0, min=0, max=1, help="SGD only"),
+        "nesterov": Param(bool, False, help="SGD only"),
+        "betas": Param(list, [0.5, 0.999], item=float, min=0, max=1, min_len=2, help="Adam and AdamW only"),
+        "weight_decay": Param(float, 0.0, min=0, help="L2 penalty (decoupled for AdamW)"),
     },
     "train": {
-        "epochs": Param(int, 100, min=1),
+        "epochs": Param(int, 100, min=1, help="passes over the training split"),
         "max_steps": Param(int, 0, min=0, help="stop after this many steps (0: no cap)"),
-        "batch_size": Param(int, 100, min=1),
+        "batch_size": Param(int, 100, min=1, help="examples per step, over all processes together"),
         "checkpoint_every": Param(int, 1000, min=0, help="steps between checkpoints (0: only at the end)"),
         "keep_checkpoints": Param(
             int, 3, min=1, help="newest checkpoints kept on disk; older ones are removed"

@@ -283,10 +283,16 @@ SHIFTED_PRIOR = (
 )
 
 
+def plugin_folder(tmp_path: Path, file_name: str, source: str) -> Path:
+    """A folder for --plugins-dir holding one plugin file."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / file_name).write_text(source)
+    return folder
+
+
 def test_a_prior_returning_the_wrong_shape_is_named_before_training(tmp_path):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "wide_prior.py").write_text(WIDE_PRIOR)
+    plugins = plugin_folder(tmp_path, "wide_prior.py", WIDE_PRIOR)
     run_dir = tmp_path / "run"
     out = aaekit(
         *tiny_args("gaussian.toml", run_dir, "codes.z.prior.name=wide"), "--plugins-dir", str(plugins)
@@ -309,9 +315,7 @@ def test_a_broken_plugin_is_named_at_run_and_when_a_recipe_needs_it(tmp_path):
 
 
 def test_a_run_trained_with_a_plugins_dir_evaluates_without_it_and_says_when_it_is_gone(tmp_path):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "shifted_prior.py").write_text(SHIFTED_PRIOR)
+    plugins = plugin_folder(tmp_path, "shifted_prior.py", SHIFTED_PRIOR)
     run_dir = tmp_path / "run"
     out = aaekit(
         *tiny_args("gaussian.toml", run_dir, "codes.z.prior.name=shifted"), "--plugins-dir", str(plugins)
