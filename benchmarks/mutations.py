@@ -1,34 +1,26 @@
 """Mutation check: break a promised feature on purpose, in a copy of the source, and see whether the tests
-that
-stand behind the promise fail ("killed") or still pass ("survived").
+that stand behind the promise fail ("killed") or still pass ("survived").
 
     .venv/bin/python benchmarks/mutations.py                      # every mutation below
-    .venv/bin/python benchmarks/mutations.py --only gaussian-posterior-mean-while-training --only
-    cli-second-line
+    .venv/bin/python benchmarks/mutations.py --only cli-second-line --only cli-error-twice   # some of them
     .venv/bin/python benchmarks/mutations.py --list               # names, files and tests, nothing run
     .venv/bin/python benchmarks/mutations.py --json out.json      # also write the JSON report to a file
 
 Each mutation is (name, file, exact source snippet, replacement, tests). For each one the checkout (source,
 plugins, tests, recipes, benchmarks, docs; not .git, .venv, caches or runs) is copied into a fresh temporary
 folder, beside a link to ``../shared`` so that MNIST is found as from the checkout; the snippet is replaced
-there
-(it must occur exactly once: a snippet that moved fails loudly before anything runs), and the named tests run
-with
-pytest from the copy, the copy's packages first on ``PYTHONPATH`` (checked: a subprocess must import
-``aaekit``
-and ``aaekit_builtins`` from the copy, or the mutation is reported as an error). The checkout itself is never
-changed. Before the mutations, the same tests run once on an unmutated copy: a test that fails there would
-"kill"
-every mutation for nothing, so the script stops.
+there (it must occur exactly once: a snippet that moved fails loudly before anything runs), and the named
+tests run with pytest from the copy, the copy's packages first on ``PYTHONPATH`` (checked: a subprocess must
+import ``aaekit`` and ``aaekit_builtins`` from the copy, or the mutation is reported as an error). The
+checkout itself is never changed. Before the mutations, the same tests run once on an unmutated copy: a test
+that fails there would "kill" every mutation for nothing, so the script stops.
 
 The copies share one cache folder of their own (``AAEKIT_CACHE_DIR``, seeded with the checkout's decoded
-MNIST),
-so a mutated kernel source never replaces the checkout's compiled loops.
+MNIST), so a mutated kernel source never replaces the checkout's compiled loops.
 
 Output: a JSON list (one object per mutation: name, file, status killed / survived / error, the tests, the
-failing
-test ids, seconds) on stdout, then a short table. Exit status 0 when every mutation was killed, 1 otherwise.
-Add an entry here with each change that makes a promise, naming the tests that keep it.
+failing test ids, seconds) on stdout, then a short table. Exit status 0 when every mutation was killed, 1
+otherwise. Add an entry here with each change that makes a promise, naming the tests that keep it.
 """
 
 from __future__ import annotations
@@ -85,14 +77,14 @@ MUTATIONS = [
         "        w[k] = wk;\n        out[k] = float_to_bf16(wk);\n    }\n}\n\n/* One optimizer step",
         "        w[k] = wk;\n    }\n}\n\n/* One optimizer step",
         [f"{T_DIST}::test_bf16_trains_close_to_fp32"],
-        "the compiled Adam loop updates the fp32 masters but never writes the bf16 weights the layers compute "
-        "with",
+        "the compiled Adam loop updates the fp32 masters but never writes the bf16 weights the layers "
+        "compute with",
     ),
     Mutation(
         "master-adam-tenth-of-the-rate",
         "aaekit/cpu/master_weights.py",
-        'steps,\n                    group["lr"], beta1',
-        'steps,\n                    0.1 * group["lr"], beta1',
+        '            steps,\n            group["lr"],\n            beta1,\n',
+        '            steps,\n            0.1 * group["lr"],\n            beta1,\n',
         [f"{T_DIST}::test_bf16_trains_close_to_fp32"],
         "the compiled Adam loop steps the bf16 weights with a tenth of the learning rate",
     ),
@@ -280,12 +272,14 @@ MUTATIONS = [
     Mutation(
         "resume-other-world-size-refused",
         "aaekit/checkpoint.py",
-        "        acc.print(f\"note: checkpoint was written by {state.get('world_size')} processes, resuming "
-        'on "\n'
-        '                  f"{acc.num_processes}; the noise streams restart per rank")',
-        "        raise UserError(f\"{checkpoint.path}: written by {state.get('world_size')} processes; resume "
-        'on "\n'
-        '                        "as many")',
+        "        acc.print(\n"
+        "            f\"note: checkpoint was written by {state.get('world_size')} processes, resuming on \"\n"
+        '            f"{acc.num_processes}; the noise streams restart per rank"\n'
+        "        )\n",
+        "        raise UserError(\n"
+        "            f\"{checkpoint.path}: written by {state.get('world_size')} processes; resume on \"\n"
+        '            "as many"\n'
+        "        )\n",
         [f"{T_DIST}::test_resuming_on_another_number_of_processes"],
         "a checkpoint resumes only on the number of processes that wrote it",
     ),
@@ -323,8 +317,8 @@ MUTATIONS = [
 
 
 def check_snippets(mutations: list[Mutation]) -> None:
-    """Every snippet must occur exactly once in the checkout's file; stop before running anything
-    otherwise."""
+    """Every snippet must occur exactly once in the checkout's file; otherwise stop before running
+    anything."""
     problems = []
     for m in mutations:
         for file, snippet, _ in m.edits():
@@ -431,8 +425,8 @@ def trial(
             code, output = None, problem
         else:
             code, output = run_tests(copy, env, tests, timeout, pytest_args)
-    # pytest: 0 all passed, 1 some failed; anything else (interrupted, usage error, nothing collected) is an
-    # error
+    # pytest: 0 all passed, 1 some failed; anything else (interrupted, usage error, nothing collected) is
+    # an error
     status = {0: "survived", 1: "killed"}.get(code, "error")
     return {
         "name": m.name if m else "baseline",
