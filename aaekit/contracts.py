@@ -38,6 +38,15 @@ class Component:
     params: ClassVar[dict[str, Param]] = {}
 
     @classmethod
+    def resolved(cls, given: dict) -> dict:
+        """The declared parameters' defaults, updated with ``given``: the one place a default is written is
+        its ``Param`` (a recipe is resolved the same way before anything is built)."""
+        unknown = sorted(set(given) - set(cls.params))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: no declared parameter {', '.join(unknown)}")
+        return {**{k: p.default for k, p in cls.params.items() if not p.required}, **given}
+
+    @classmethod
     def check_recipe(cls, params: dict, context: dict) -> list[str]:
         """Extra checks that need the rest of the recipe (``context``); return problems, one per line.
 
@@ -58,7 +67,14 @@ class Prior(Component):
     num_components: int | None = None
 
     def __init__(self, dim: int, **params):
+        """Every declared parameter becomes an attribute of the same name (defaults filled), unless the class
+        has a method of that name (e.g. ``components``); ``num_components`` comes from :meth:`components`."""
         self.dim = dim
+        resolved = self.resolved(params)
+        for key, value in resolved.items():
+            if not callable(getattr(type(self), key, None)):
+                setattr(self, key, value)
+        self.num_components = type(self).components(resolved, dim)
 
     @classmethod
     def components(cls, params: dict, dim: int) -> int | None:

@@ -17,10 +17,6 @@ class GaussianPrior(Prior):
     name = "gaussian"
     params = {"std": Param(float, 1.0, min=0), "mean": Param(float, 0.0)}
 
-    def __init__(self, dim: int, std: float = 1.0, mean: float = 0.0):
-        super().__init__(dim)
-        self.std, self.mean = std, mean
-
     def sample(self, n, labels=None, *, generator=None, device="cpu"):
         return self.mean + self.std * torch.randn(n, self.dim, generator=generator, device=device)
 
@@ -30,10 +26,6 @@ class UniformPrior(Prior):
 
     name = "uniform"
     params = {"low": Param(float, -1.0), "high": Param(float, 1.0)}
-
-    def __init__(self, dim: int, low: float = -1.0, high: float = 1.0):
-        super().__init__(dim)
-        self.low, self.high = low, high
 
     @classmethod
     def check_recipe(cls, params, context):
@@ -59,19 +51,6 @@ class GaussianMixturePrior(Prior):
         "std_across": Param(float, 0.05, min=0, help="std across it"),
         "scale": Param(float, 1.0, min=0, help="multiplies every sample"),
     }
-
-    def __init__(
-        self,
-        dim: int,
-        components: int = 10,
-        shift: float = 1.4,
-        std_along: float = 0.5,
-        std_across: float = 0.05,
-        scale: float = 1.0,
-    ):
-        super().__init__(dim)
-        self.num_components = components
-        self.shift, self.std_along, self.std_across, self.scale = shift, std_along, std_across, scale
 
     @classmethod
     def components(cls, params, dim):
@@ -109,11 +88,6 @@ class SwissRollPrior(Prior):
         "radius": Param(float, 3.0, min=0),
         "turns": Param(float, 2.0, min=0, help="full turns of the roll (the paper's 4*pi is 2)"),
     }
-
-    def __init__(self, dim: int, components: int = 10, radius: float = 3.0, turns: float = 2.0):
-        super().__init__(dim)
-        self.num_components = components
-        self.radius, self.turns = radius, turns
 
     @classmethod
     def components(cls, params, dim):
@@ -156,11 +130,6 @@ class CategoricalPrior(Prior):
             ),
         ),
     }
-
-    def __init__(self, dim: int, smoothing: float = 0.0):
-        super().__init__(dim)
-        self.num_components = dim
-        self.smoothing = smoothing
 
     @classmethod
     def components(cls, params, dim):
