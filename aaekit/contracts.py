@@ -56,6 +56,17 @@ class Component:
         return []
 
 
+def set_declared(component: Component, params: dict) -> dict:
+    """Every declared parameter of ``component`` (defaults filled) becomes an attribute of the same name,
+    unless its class has a method of that name (e.g. a prior's ``components``). Returns the resolved
+    parameters."""
+    resolved = component.resolved(params)
+    for key, value in resolved.items():
+        if not callable(getattr(type(component), key, None)):
+            setattr(component, key, value)
+    return resolved
+
+
 class Prior(Component):
     """p(z): only sampling is required (the point of the paper).
 
@@ -70,11 +81,7 @@ class Prior(Component):
         """Every declared parameter becomes an attribute of the same name (defaults filled), unless the class
         has a method of that name (e.g. ``components``); ``num_components`` comes from :meth:`components`."""
         self.dim = dim
-        resolved = self.resolved(params)
-        for key, value in resolved.items():
-            if not callable(getattr(type(self), key, None)):
-                setattr(self, key, value)
-        self.num_components = type(self).components(resolved, dim)
+        self.num_components = type(self).components(set_declared(self, params), dim)
 
     @classmethod
     def components(cls, params: dict, dim: int) -> int | None:
@@ -99,10 +106,17 @@ class Posterior(nn.Module, Component):
     under ``y_logits``. ``generator`` drives any noise (reparameterisation, η) so runs stay seeded.
     """
 
-    def __init__(self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], **params):
+    def __init__(
+        self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], input_noise: float = 0.0, **params
+    ):
         super().__init__()
-        self.input_dim = input_dim
-        self.codes = list(codes)
+        self.input_dim, self.codes, self.hidden, self.input_noise = (
+            input_dim,
+            list(codes),
+            list(hidden),
+            input_noise,
+        )
+        set_declared(self, params)
 
 
 @dataclass
@@ -160,6 +174,7 @@ class Head(nn.Module, Component):
         super().__init__()
         self.codes = list(codes)
         self.num_classes = num_classes
+        set_declared(self, params)
 
     def forward(self, codes: dict, labels: torch.Tensor | None) -> torch.Tensor | None:
         # forward is decoder_input, so a head with weights trains through its DDP wrapper

@@ -18,10 +18,6 @@ class ClassifierHead(Head):
         "weight": Param(float, 1.0, min=0),
     }
 
-    def __init__(self, *, code: str = "y", weight: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.code, self.weight = code, weight
-
     @classmethod
     def check_recipe(cls, params, context):
         code = context["codes"].get(params["code"])
@@ -61,23 +57,12 @@ class ClusterHeadsHead(Head):
         "init_std": Param(float, 1.0, min=0, help="std of the heads' N(0, std^2) initial values"),
     }
 
-    def __init__(
-        self,
-        *,
-        code_y: str = "y",
-        code_z: str = "z",
-        eta: float = 1.0,
-        weight: float = 1.0,
-        init_std: float = 1.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)  # code_y, code_z, eta, weight, init_std become attributes
         dims = {c.name: c.dim for c in self.codes}
-        self.code_y, self.code_z, self.eta, self.weight = code_y, code_z, eta, weight
-        self.decoder_input_dim = dims[code_z]
-        self.heads = nn.Parameter(
-            torch.randn(dims[code_y], dims[code_z]) * init_std
-        )  # W_c, one row per cluster
+        self.decoder_input_dim = dims[self.code_z]
+        # W_c, one row per cluster
+        self.heads = nn.Parameter(torch.randn(dims[self.code_y], dims[self.code_z]) * self.init_std)
 
     @classmethod
     def check_recipe(cls, params, context):

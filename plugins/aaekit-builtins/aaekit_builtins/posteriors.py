@@ -32,26 +32,20 @@ class MLPPosterior(Posterior):
     """An MLP trunk with one output layer per code; categorical codes are a softmax."""
 
     def __init__(
-        self,
-        *,
-        input_dim: int,
-        codes: list[CodeSpec],
-        hidden: list[int],
-        extra_inputs: int = 0,
-        batch_norm: bool = False,
-        input_dropout: float = 0.0,
-        logit_batch_norm: bool = False,
-        **params,
+        self, *, input_dim: int, codes: list[CodeSpec], hidden: list[int], extra_inputs: int = 0, **params
     ):
-        super().__init__(input_dim=input_dim, codes=codes, hidden=hidden)
-        self.input_dropout = input_dropout
-        last_norm = [nn.BatchNorm1d(hidden[-1])] if batch_norm else []
+        super().__init__(input_dim=input_dim, codes=codes, hidden=hidden, **params)  # the declared keys
+        last_norm = [nn.BatchNorm1d(hidden[-1])] if self.batch_norm else []
         self.trunk = nn.Sequential(
-            mlp([input_dim + extra_inputs, *hidden], batch_norm=batch_norm), *last_norm, nn.ReLU()
+            mlp([input_dim + extra_inputs, *hidden], batch_norm=self.batch_norm), *last_norm, nn.ReLU()
         )
         self.outputs = nn.ModuleDict({c.name: nn.Linear(hidden[-1], self.output_size(c)) for c in codes})
         self.logit_norms = nn.ModuleDict(
-            {c.name: nn.BatchNorm1d(c.dim) for c in codes if logit_batch_norm and c.kind == "categorical"}
+            {
+                c.name: nn.BatchNorm1d(c.dim)
+                for c in codes
+                if self.logit_batch_norm and c.kind == "categorical"
+            }
         )
 
     def output_size(self, code: CodeSpec) -> int:
@@ -103,10 +97,6 @@ class GaussianPosterior(MLPPosterior):
         "min_logvar": Param(float, -10.0, help="lower clamp on log sigma^2, for stability"),
     }
 
-    def __init__(self, *, min_logvar: float = -10.0, **kwargs):
-        self.min_logvar = min_logvar
-        super().__init__(**kwargs)
-
     def output_size(self, code: CodeSpec) -> int:
         return code.dim if code.kind == "categorical" else 2 * code.dim
 
@@ -129,13 +119,13 @@ class UniversalPosterior(MLPPosterior):
         "noise_std": Param(float, 1.0, min=0),
     }
 
-    def __init__(self, *, noise_dim: int = 100, noise: str = "gaussian", noise_std: float = 1.0, **kwargs):
-        self.noise_dim, self.noise_kind, self.noise_std = noise_dim, noise, noise_std
-        super().__init__(extra_inputs=noise_dim, **kwargs)
+    def __init__(self, **kwargs):
+        declared = self.resolved({k: v for k, v in kwargs.items() if k in self.params})
+        super().__init__(extra_inputs=declared["noise_dim"], **kwargs)
 
     def trunk_input(self, x: torch.Tensor, generator) -> torch.Tensor:
         shape = (x.shape[0], self.noise_dim)
-        if self.noise_kind == "gaussian":
+        if self.noise == "gaussian":
             eta = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype) * self.noise_std
         else:
             eta = (
