@@ -101,168 +101,6 @@ class Trainer:
         self.start = {"step": 0, "epoch": 0}
         self._last_good = None  # the newest checkpoint written or resumed from, named when a run stops
 
-    # ---- set-up, by concern
-    # ----------------------------------------------------------------------------------
-    def _setup_accelerator(self, accelerator: Accelerator | None, log_with: str | None) -> None:
-        values = self.recipe.values
-        classifying = any(
-            self.registry.get("head", h["name"]).cls.defines_classification_loss()
-            for h in values["heads"].values()
-        )
-        # Phases that use only part of the encoder (a classification step ignores z) need DDP to look for
-        # unused
-        # parameters; single-code models skip that cost.
-        partial_phases = classifying or len(values["codes"]) > 1
-        self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=values["run"]["mixed_precision"],
-            log_with=log_with,
-            project_dir=str(self.run_dir),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_phases)],
-        )
-        refuse_lonely_process(acc.num_processes)
-        batch = self.settings.batch_size
-        if batch % acc.num_processes:
-            raise UserError(
-                f"{self.recipe.path}: train.batch_size: {batch} does not split over "
-                f"{acc.num_processes} processes; use a multiple of {acc.num_processes}"
-            )
-        self.device = acc.device
-        if self.device.type == "cpu":
-            keep_freed_memory()
-            set_flush_denormals(values["run"]["flush_denormals"])
-            if values["run"]["threads"]:
-                torch.set_num_threads(values["run"]["threads"])
-            acc.print(
-                f"cpu: {torch.get_num_threads()} thread(s) per process (run.threads or OMP_NUM_THREADS sets "
-                "it; while other work keeps the cores busy, fewer threads are often much faster)"
-            )
-
-    def _setup_data(self) -> None:
-        """The splits held on the device; validation split and labelled subset drawn from the run seed."""
-        values, acc, path = self.recipe.values, self.accelerator, self.recipe.path
-        torch.manual_seed(self.seed)
-        self.dataset_entry = self.registry.get("dataset", values["data"]["name"])
-        self.dataset = dataset = self.dataset_entry.cls(**dataset_params(values["data"]))
-        full_train = dataset.load("train")
-        example_size = math.prod(full_train.x.shape[1:])
-        if example_size != math.prod(dataset.input_shape):
-            e = self.dataset_entry
-            raise UserError(
-                f"data.name: dataset {e.name!r} from plugin {e.plugin} ({e.distribution}) loaded "
-                f"examples of {example_size} values but declares input_shape "
-                f"{tuple(dataset.input_shape)}; fix the plugin"
-            )
-        if values["data"]["validation"] >= len(full_train):
-            raise UserError(
-                f"{path}: data.validation: {values['data']['validation']} held out of a training "
-                f"split of {len(full_train)} leaves nothing to train on; lower it"
-            )
-        train, validation = split_off(full_train, values["data"]["validation"], self.seed + 1)
-        self.num_classes = dataset.num_classes
-        in_memory = values["data"]["in_memory"]
-        self.train_data = hold(train, self.device, in_memory, acc.print)
-        self.validation_data = (
-            hold(validation, self.device, in_memory, acc.print, "validation split")
-            if len(validation)
-            else None
-        )
-        n_train, batch = len(self.train_data), self.settings.batch_size
-        if n_train < batch:
-            raise UserError(f"{path}: train.batch_size: {batch} is larger than the training set ({n_train})")
-        self.steps_per_epoch = n_train // batch
-        n_labelled = labelled_count(values["data"]["labelled"], n_train) if self.num_classes else 0
-        if n_labelled >= n_train:
-            self.labelled_index = torch.arange(n_train)
-        elif n_labelled > 0:
-            self.labelled_index = balanced_subset(train.y, n_labelled, self.num_classes, self.seed + 2)
-        else:
-            self.labelled_index = torch.arange(0)
-        self.labelled_mask = torch.zeros(n_train, dtype=torch.bool)
-        self.labelled_mask[self.labelled_index] = True
-        self.labelled_mask = self.labelled_mask.to(self.device)
-
-    def _setup_model(self) -> None:
-        values = self.recipe.values
-        self.model: AAE = build_model(self.recipe, self.registry, self.dataset.input_shape, self.num_classes)
-        m = self.model
-        self.trainable_heads = {
-            k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())
-        }
-        self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
-        if self.classifying_heads and len(self.labelled_index) == 0:
-            raise UserError(
-                f"{self.recipe.path}: data.labelled: a classification head needs labelled examples"
-            )
-        self.model_record = model_record(values, self.registry, self.dataset, self.dataset_entry)
-        self.master_weights = None
-        if uses_master_weights(values, self.device):
-            self.master_weights = MasterWeights(
-                m, [m.encoder, m.decoder, *m.discriminators.values(), *self.trainable_heads.values()]
-            )
-
-    def _setup_optimizers(self) -> None:
-        masters = self.master_weights
-        self.optimizers = phase_optimizers(
-            self.recipe.values,
-            self.model,
-            self.trainable_heads,
-            bool(self.classifying_heads),
-            self.device,
-            masters,
-        )
-        if masters is not None:
-            missing = compiled_kernel()[1]
-            self.accelerator.print(
-                f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters; the optimizers update "
-                + (f"them with torch operations ({missing})" if missing else "them with the compiled loops")
-            )
-
-    def prepare(self, checkpoint: ckpt.Checkpoint | None) -> None:
-        """Check the components, wrap everything with Accelerate, seed the streams, and restore a
-        checkpoint."""
-        acc, m = self.accelerator, self.model
-        if checkpoint is not None:
-            missing = set(m.state_dict()) ^ set(checkpoint.model)
-            if missing:
-                raise UserError(
-                    f"{checkpoint.path}: model weights do not match this recipe "
-                    f"(differing keys: {sorted(missing)[:5]}...)"
-                )
-            m.load_state_dict(checkpoint.model)
-        probe = self.train_data.inputs(torch.arange(min(4, len(self.train_data))).to(self.device))
-        check_component_outputs(m, probe, self.model_record["components"], acc.autocast)
-        codes, heads, opt_names = list(m.discriminators), list(self.trainable_heads), list(self.optimizers)
-        modules = [m.encoder, m.decoder, *(m.discriminators[c] for c in codes), *(m.heads[k] for k in heads)]
-        prepared = acc.prepare(*modules, *(self.optimizers[o] for o in opt_names))
-        wrapped, optimizers = prepared[: len(modules)], prepared[len(modules) :]
-        self.encoder, self.decoder = wrapped[0], wrapped[1]
-        self.discriminators = dict(zip(codes, wrapped[2 : 2 + len(codes)]))
-        self.heads = {**m.heads, **dict(zip(heads, wrapped[2 + len(codes) :]))}
-        if (
-            self.master_weights is not None
-        ):  # bf16 gradients: the ranks' mean is taken in fp32 and rounded once
-            ddp = [w for w in wrapped if isinstance(w, torch.nn.parallel.DistributedDataParallel)]
-            for module in ddp:
-                module.register_comm_hook(None, mean_gradients_in_fp32)
-            if ddp:
-                acc.print(f"bf16: {len(ddp)} modules average the ranks' bf16 gradients in fp32")
-        self.optimizers = {name: hot_path(opt, acc) for name, opt in zip(opt_names, optimizers)}
-        self.opt_reconstruction, self.opt_generator = (
-            self.optimizers["reconstruction"],
-            self.optimizers["generator"],
-        )
-        self.opt_discriminators = {c: self.optimizers[f"discriminator.{c}"] for c in codes}
-        self.opt_classification = self.optimizers.get("classification")
-        # Batch order is shared by all ranks (each takes its slice); noise differs per rank.
-        self.batches = ShuffledBatches(len(self.train_data), self.seed)
-        self.labelled_batches = (
-            ShuffledBatches(len(self.labelled_index), self.seed + 3) if len(self.labelled_index) else None
-        )
-        self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 7 + acc.process_index)
-        if checkpoint is not None:
-            self.start = ckpt.restore_training(self, checkpoint)
-            self._last_good = str(checkpoint.path)
-
     # ---- the three phases of the paper's schedule
     # --------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> dict:
@@ -531,3 +369,165 @@ class Trainer:
                 write_pictures(self, self.run_dir)
         self.switches.after_finish(self.model.state_dict(), acc.process_index)
         acc.wait_for_everyone()
+
+    # ---- set-up, by concern
+    # ----------------------------------------------------------------------------------
+    def _setup_accelerator(self, accelerator: Accelerator | None, log_with: str | None) -> None:
+        values = self.recipe.values
+        classifying = any(
+            self.registry.get("head", h["name"]).cls.defines_classification_loss()
+            for h in values["heads"].values()
+        )
+        # Phases that use only part of the encoder (a classification step ignores z) need DDP to look for
+        # unused
+        # parameters; single-code models skip that cost.
+        partial_phases = classifying or len(values["codes"]) > 1
+        self.accelerator = acc = accelerator or Accelerator(
+            mixed_precision=values["run"]["mixed_precision"],
+            log_with=log_with,
+            project_dir=str(self.run_dir),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_phases)],
+        )
+        refuse_lonely_process(acc.num_processes)
+        batch = self.settings.batch_size
+        if batch % acc.num_processes:
+            raise UserError(
+                f"{self.recipe.path}: train.batch_size: {batch} does not split over "
+                f"{acc.num_processes} processes; use a multiple of {acc.num_processes}"
+            )
+        self.device = acc.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
+            set_flush_denormals(values["run"]["flush_denormals"])
+            if values["run"]["threads"]:
+                torch.set_num_threads(values["run"]["threads"])
+            acc.print(
+                f"cpu: {torch.get_num_threads()} thread(s) per process (run.threads or OMP_NUM_THREADS sets "
+                "it; while other work keeps the cores busy, fewer threads are often much faster)"
+            )
+
+    def _setup_data(self) -> None:
+        """The splits held on the device; validation split and labelled subset drawn from the run seed."""
+        values, acc, path = self.recipe.values, self.accelerator, self.recipe.path
+        torch.manual_seed(self.seed)
+        self.dataset_entry = self.registry.get("dataset", values["data"]["name"])
+        self.dataset = dataset = self.dataset_entry.cls(**dataset_params(values["data"]))
+        full_train = dataset.load("train")
+        example_size = math.prod(full_train.x.shape[1:])
+        if example_size != math.prod(dataset.input_shape):
+            e = self.dataset_entry
+            raise UserError(
+                f"data.name: dataset {e.name!r} from plugin {e.plugin} ({e.distribution}) loaded "
+                f"examples of {example_size} values but declares input_shape "
+                f"{tuple(dataset.input_shape)}; fix the plugin"
+            )
+        if values["data"]["validation"] >= len(full_train):
+            raise UserError(
+                f"{path}: data.validation: {values['data']['validation']} held out of a training "
+                f"split of {len(full_train)} leaves nothing to train on; lower it"
+            )
+        train, validation = split_off(full_train, values["data"]["validation"], self.seed + 1)
+        self.num_classes = dataset.num_classes
+        in_memory = values["data"]["in_memory"]
+        self.train_data = hold(train, self.device, in_memory, acc.print)
+        self.validation_data = (
+            hold(validation, self.device, in_memory, acc.print, "validation split")
+            if len(validation)
+            else None
+        )
+        n_train, batch = len(self.train_data), self.settings.batch_size
+        if n_train < batch:
+            raise UserError(f"{path}: train.batch_size: {batch} is larger than the training set ({n_train})")
+        self.steps_per_epoch = n_train // batch
+        n_labelled = labelled_count(values["data"]["labelled"], n_train) if self.num_classes else 0
+        if n_labelled >= n_train:
+            self.labelled_index = torch.arange(n_train)
+        elif n_labelled > 0:
+            self.labelled_index = balanced_subset(train.y, n_labelled, self.num_classes, self.seed + 2)
+        else:
+            self.labelled_index = torch.arange(0)
+        self.labelled_mask = torch.zeros(n_train, dtype=torch.bool)
+        self.labelled_mask[self.labelled_index] = True
+        self.labelled_mask = self.labelled_mask.to(self.device)
+
+    def _setup_model(self) -> None:
+        values = self.recipe.values
+        self.model: AAE = build_model(self.recipe, self.registry, self.dataset.input_shape, self.num_classes)
+        m = self.model
+        self.trainable_heads = {
+            k: h for k, h in m.heads.items() if any(p.requires_grad for p in h.parameters())
+        }
+        self.classifying_heads = {k: h for k, h in m.heads.items() if h.has_classification_loss}
+        if self.classifying_heads and len(self.labelled_index) == 0:
+            raise UserError(
+                f"{self.recipe.path}: data.labelled: a classification head needs labelled examples"
+            )
+        self.model_record = model_record(values, self.registry, self.dataset, self.dataset_entry)
+        self.master_weights = None
+        if uses_master_weights(values, self.device):
+            self.master_weights = MasterWeights(
+                m, [m.encoder, m.decoder, *m.discriminators.values(), *self.trainable_heads.values()]
+            )
+
+    def _setup_optimizers(self) -> None:
+        masters = self.master_weights
+        self.optimizers = phase_optimizers(
+            self.recipe.values,
+            self.model,
+            self.trainable_heads,
+            bool(self.classifying_heads),
+            self.device,
+            masters,
+        )
+        if masters is not None:
+            missing = compiled_kernel()[1]
+            self.accelerator.print(
+                f"bf16: {len(masters)} weight tensors held in bf16 with fp32 masters; the optimizers update "
+                + (f"them with torch operations ({missing})" if missing else "them with the compiled loops")
+            )
+
+    def prepare(self, checkpoint: ckpt.Checkpoint | None) -> None:
+        """Check the components, wrap everything with Accelerate, seed the streams, and restore a
+        checkpoint."""
+        acc, m = self.accelerator, self.model
+        if checkpoint is not None:
+            missing = set(m.state_dict()) ^ set(checkpoint.model)
+            if missing:
+                raise UserError(
+                    f"{checkpoint.path}: model weights do not match this recipe "
+                    f"(differing keys: {sorted(missing)[:5]}...)"
+                )
+            m.load_state_dict(checkpoint.model)
+        probe = self.train_data.inputs(torch.arange(min(4, len(self.train_data))).to(self.device))
+        check_component_outputs(m, probe, self.model_record["components"], acc.autocast)
+        codes, heads, opt_names = list(m.discriminators), list(self.trainable_heads), list(self.optimizers)
+        modules = [m.encoder, m.decoder, *(m.discriminators[c] for c in codes), *(m.heads[k] for k in heads)]
+        prepared = acc.prepare(*modules, *(self.optimizers[o] for o in opt_names))
+        wrapped, optimizers = prepared[: len(modules)], prepared[len(modules) :]
+        self.encoder, self.decoder = wrapped[0], wrapped[1]
+        self.discriminators = dict(zip(codes, wrapped[2 : 2 + len(codes)]))
+        self.heads = {**m.heads, **dict(zip(heads, wrapped[2 + len(codes) :]))}
+        if (
+            self.master_weights is not None
+        ):  # bf16 gradients: the ranks' mean is taken in fp32 and rounded once
+            ddp = [w for w in wrapped if isinstance(w, torch.nn.parallel.DistributedDataParallel)]
+            for module in ddp:
+                module.register_comm_hook(None, mean_gradients_in_fp32)
+            if ddp:
+                acc.print(f"bf16: {len(ddp)} modules average the ranks' bf16 gradients in fp32")
+        self.optimizers = {name: hot_path(opt, acc) for name, opt in zip(opt_names, optimizers)}
+        self.opt_reconstruction, self.opt_generator = (
+            self.optimizers["reconstruction"],
+            self.optimizers["generator"],
+        )
+        self.opt_discriminators = {c: self.optimizers[f"discriminator.{c}"] for c in codes}
+        self.opt_classification = self.optimizers.get("classification")
+        # Batch order is shared by all ranks (each takes its slice); noise differs per rank.
+        self.batches = ShuffledBatches(len(self.train_data), self.seed)
+        self.labelled_batches = (
+            ShuffledBatches(len(self.labelled_index), self.seed + 3) if len(self.labelled_index) else None
+        )
+        self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 7 + acc.process_index)
+        if checkpoint is not None:
+            self.start = ckpt.restore_training(self, checkpoint)
+            self._last_good = str(checkpoint.path)
