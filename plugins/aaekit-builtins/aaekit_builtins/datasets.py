@@ -111,7 +111,7 @@ class MNIST(Dataset):
         "source": Param(
             str, "auto", choices=("auto", "local", "hub"), help="auto: local files if found, else the hub"
         ),
-        "hub_id": Param(str, "ylecun/mnist"),
+        "hub_id": Param(str, "ylecun/mnist", help="the hub dataset read when no local idx files are found"),
         "limit": Param(int, 0, min=0, help="use only the first N training images (0: all)"),
     }
 

@@ -15,7 +15,7 @@ class ClassifierHead(Head):
     name = "classifier"
     params = {
         "code": Param(str, "y", help="the categorical code that predicts the label"),
-        "weight": Param(float, 1.0, min=0),
+        "weight": Param(float, 1.0, min=0, help="weight of the cross-entropy in the classification phase"),
     }
 
     @classmethod

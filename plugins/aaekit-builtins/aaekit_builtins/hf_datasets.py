@@ -598,7 +598,10 @@ class HFDataset(Dataset):
             "installed package ships",
         ),
         "format": Param(
-            str, "auto", choices=("auto", "csv", "json", "parquet", "arrow", "imagefolder", "hub")
+            str,
+            "auto",
+            choices=("auto", "csv", "json", "parquet", "arrow", "imagefolder", "hub"),
+            help="how to read the source (auto: from the file name or folder)",
         ),
         "config": Param(str, "", help="hub dataset configuration name"),
         "columns": Param(
@@ -609,12 +612,18 @@ class HFDataset(Dataset):
             "column but the label; the choice is printed)",
         ),
         "label": Param(str, "", help="label column (integers or class names; empty cells: unlabelled)"),
-        "train_split": Param(str, "train"),
+        "train_split": Param(str, "train", help="the split to train on"),
         "test_split": Param(
             str, "test", help="when the source lacks it, test_fraction of the train rows is held out"
         ),
-        "test_fraction": Param(float, 0.2, min=0, max=1),
-        "split_seed": Param(int, 0, min=0),
+        "test_fraction": Param(
+            float,
+            0.2,
+            min=0,
+            max=1,
+            help="share of the train rows held out as the test split when there is none",
+        ),
+        "split_seed": Param(int, 0, min=0, help="seed of that hold-out"),
         "scale": Param(
             str,
             "unit",
@@ -623,7 +632,7 @@ class HFDataset(Dataset):
             "per feature; statistics from the train split",
         ),
         "flatten": Param(bool, False, help="declare inputs as flat vectors even for images"),
-        "image_mode": Param(str, "L", choices=("L", "RGB")),
+        "image_mode": Param(str, "L", choices=("L", "RGB"), help="images as grey levels or colour"),
         "image_size": Param(
             list, [], item=int, min=1, help="[H, W] to resize images to (required if sizes differ)"
         ),

@@ -115,8 +115,8 @@ class UniversalPosterior(MLPPosterior):
     params = {
         **TRUNK_PARAMS,
         "noise_dim": Param(int, 100, min=1, help="size of the noise input eta"),
-        "noise": Param(str, "gaussian", choices=("gaussian", "uniform")),
-        "noise_std": Param(float, 1.0, min=0),
+        "noise": Param(str, "gaussian", choices=("gaussian", "uniform"), help="distribution of eta"),
+        "noise_std": Param(float, 1.0, min=0, help="scale of eta (std, or half-width when uniform)"),
     }
 
     def __init__(self, **kwargs):

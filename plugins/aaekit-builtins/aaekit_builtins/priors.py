@@ -15,7 +15,10 @@ class GaussianPrior(Prior):
     """N(mean, std^2 I) in any dimension (the paper's likelihood setting uses std 5)."""
 
     name = "gaussian"
-    params = {"std": Param(float, 1.0, min=0), "mean": Param(float, 0.0)}
+    params = {
+        "std": Param(float, 1.0, min=0, help="standard deviation of every dimension"),
+        "mean": Param(float, 0.0, help="mean of every dimension"),
+    }
 
     def sample(self, n, labels=None, *, generator=None, device="cpu"):
         return self.mean + self.std * torch.randn(n, self.dim, generator=generator, device=device)
@@ -25,7 +28,10 @@ class UniformPrior(Prior):
     """Uniform on the cube [low, high]^dim."""
 
     name = "uniform"
-    params = {"low": Param(float, -1.0), "high": Param(float, 1.0)}
+    params = {
+        "low": Param(float, -1.0, help="lower end of every dimension"),
+        "high": Param(float, 1.0, help="upper end of every dimension"),
+    }
 
     @classmethod
     def check_recipe(cls, params, context):
@@ -45,7 +51,7 @@ class GaussianMixturePrior(Prior):
 
     name = "gmm"
     params = {
-        "components": Param(int, 10, min=1),
+        "components": Param(int, 10, min=1, help="number of components, one per label where labels are used"),
         "shift": Param(float, 1.4, help="distance of each component's centre from the origin"),
         "std_along": Param(float, 0.5, min=0, help="std along the radial direction"),
         "std_across": Param(float, 0.05, min=0, help="std across it"),
@@ -84,8 +90,8 @@ class SwissRollPrior(Prior):
 
     name = "swiss_roll"
     params = {
-        "components": Param(int, 10, min=1),
-        "radius": Param(float, 3.0, min=0),
+        "components": Param(int, 10, min=1, help="number of components, one per label where labels are used"),
+        "radius": Param(float, 3.0, min=0, help="radius of the roll's outer end"),
         "turns": Param(float, 2.0, min=0, help="full turns of the roll (the paper's 4*pi is 2)"),
     }
 

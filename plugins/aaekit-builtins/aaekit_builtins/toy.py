@@ -30,8 +30,8 @@ class ToyDataset(Dataset):
 
 
 COMMON = {
-    "train_size": Param(int, 5000, min=1),
-    "test_size": Param(int, 1000, min=1),
+    "train_size": Param(int, 5000, min=1, help="points in the training split"),
+    "test_size": Param(int, 1000, min=1, help="points in the test split"),
     "seed": Param(int, 0, min=0, help="the data's own seed (the run seed does not change the data)"),
 }
 
@@ -42,9 +42,9 @@ class Mixture(ToyDataset):
     name = "mixture"
     params = {
         **COMMON,
-        "components": Param(int, 8, min=2),
-        "radius": Param(float, 4.0, min=0),
-        "std": Param(float, 0.5, min=0),
+        "components": Param(int, 8, min=2, help="Gaussian blobs on the circle (the classes)"),
+        "radius": Param(float, 4.0, min=0, help="radius of the circle"),
+        "std": Param(float, 0.5, min=0, help="standard deviation of each blob"),
     }
 
     def __init__(self, components: int = 8, radius: float = 4.0, std: float = 0.5, **common):
@@ -65,7 +65,11 @@ class Rings(ToyDataset):
     """Concentric noisy rings (radius 1, 2, ...), labelled by ring."""
 
     name = "rings"
-    params = {**COMMON, "rings": Param(int, 3, min=1), "noise": Param(float, 0.1, min=0)}
+    params = {
+        **COMMON,
+        "rings": Param(int, 3, min=1, help="concentric rings (the classes)"),
+        "noise": Param(float, 0.1, min=0, help="std of the radial noise"),
+    }
 
     def __init__(self, rings: int = 3, noise: float = 0.1, **common):
         super().__init__(**common)
