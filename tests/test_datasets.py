@@ -376,6 +376,20 @@ def features_line(stdout: str) -> str:
     return lines[0]
 
 
+def two_step_run(recipe, out, *extra: str):
+    """Two training steps of a table recipe through the CLI, into ``out``."""
+    return aaekit(
+        "run",
+        str(recipe),
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.batch_size=16",
+        *extra,
+        "--output-dir",
+        str(out),
+    )
+
+
 @pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "unlabelled"])
 @pytest.mark.parametrize("bad_row", [4, 40], ids=["first-chunk", "later-chunk"])
 def test_a_bad_cell_in_a_number_column_is_refused_by_file_column_row_and_value(
@@ -392,15 +406,7 @@ def test_a_bad_cell_in_a_number_column_is_refused_by_file_column_row_and_value(
     text = recipe_text(csv, 'scale = "standardize"')
     recipe = write(tmp_path / "bad.toml", text if labelled else text.replace('label = "label"\n', ""))
     out = tmp_path / "run"
-    result = aaekit(
-        "run",
-        str(recipe),
-        "train.max_steps=2",
-        "train.log_every=1",
-        "train.batch_size=16",
-        "--output-dir",
-        str(out),
-    )
+    result = two_step_run(recipe, out)
     assert result.returncode == 2, result.stderr[-3000:] + result.stdout[-2000:]
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -417,16 +423,7 @@ def test_dropping_bad_cells_keeps_all_features_and_says_how_many_rows_went(tmp_p
     csv = thirteen_column_csv(tmp_path / "measurements.csv", bad_row=9)
     recipe = write(tmp_path / "drop.toml", recipe_text(csv, 'scale = "standardize"\nmissing = "drop"'))
     out = tmp_path / "run"
-    result = aaekit(
-        "run",
-        str(recipe),
-        "train.max_steps=2",
-        "train.log_every=1",
-        "train.batch_size=16",
-        "train.checkpoint_every=0",
-        "--output-dir",
-        str(out),
-    )
+    result = two_step_run(recipe, out, "train.checkpoint_every=0")
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     line = features_line(result.stdout)
     assert line.startswith(f"data: features: {', '.join(FEATURES)};"), line
