@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 
 from aaekit import checkpoint as ckpt
 from aaekit.cpu import keep_freed_memory, set_flush_denormals
 from aaekit.cpu.master_weights import MasterWeights, compiled_kernel, mean_gradients_in_fp32
-from aaekit.data import ShuffledBatches, balanced_subset, hold, labelled_count, split_off
+from aaekit.data import DeviceData, ShuffledBatches, balanced_subset, hold, labelled_count, split_off
 from aaekit.errors import TrainingStopped, UserError
+from aaekit.graphs import GraphedStep, graphs_problem, use_graphs
 from aaekit.model import AAE, build_model, check_component_outputs
 from aaekit.monitor import Monitor
 from aaekit.optim import base_lr, hot_path, lr_scale, phase_optimizers, uses_master_weights
@@ -51,6 +52,7 @@ RESUMABLE_CHANGES = {
     "run.flush_denormals",
     "run.bf16_master_weights",
     "run.threads",
+    "run.cuda_graphs",
 }
 
 
@@ -166,10 +168,10 @@ class Trainer:
         self.opt_generator.step()
         return out
 
-    def classification_phase(self) -> dict:
-        """Semi-supervised phase: the heads' loss on a labelled mini-batch updates the encoder only."""
-        index = self.rank_slice(self.labelled_batches.take(self.settings.batch_size))
-        index = self.labelled_index[index].to(self.device)
+    def classification_phase(self, index: torch.Tensor | None = None) -> dict:
+        """Semi-supervised phase: the heads' loss on a labelled mini-batch (rows of the training split; the
+        next of the labelled stream if None) updates the encoder only."""
+        index = self.next_labelled() if index is None else index
         x, labels = self.train_data.inputs(index), self.train_data.y[index]
         self.opt_classification.zero_grad(set_to_none=True)
         codes = self.encode(x)
@@ -178,14 +180,31 @@ class Trainer:
         self.opt_classification.step()
         return {"loss/classification": loss.detach()}
 
-    def train_step(self, index: torch.Tensor) -> dict:
+    def train_step(self, index: torch.Tensor, labelled: torch.Tensor | None = None) -> dict:
+        """One step of the schedule on the rows ``index`` of the training split (and ``labelled`` for the
+        classification phase). Host work stays outside, so the step can be replayed as a CUDA graph."""
         x, labels = self.train_data.inputs(index), self.train_data.y[index]
         disc_labels = torch.where(self.labelled_mask[index], labels, torch.full_like(labels, -1))
         metrics = self.reconstruction_phase(x, labels)
         metrics.update(self.regularization_phase(x, disc_labels))
         if self.opt_classification is not None:
-            metrics.update(self.classification_phase())
+            metrics.update(self.classification_phase(labelled))
         return metrics
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's rows of the next mini-batch, and of the next labelled one where a head classifies."""
+        index = self.to_device(self.rank_slice(self.batches.take(self.settings.batch_size)))
+        return index, self.next_labelled() if self.opt_classification is not None else None
+
+    def next_labelled(self) -> torch.Tensor:
+        index = self.rank_slice(self.labelled_batches.take(self.settings.batch_size))
+        return self.to_device(self.labelled_index[index])
+
+    def to_device(self, index: torch.Tensor) -> torch.Tensor:
+        # through pinned memory the copy to a GPU is queued, not waited for: no host sync per step
+        if self.device.type == "cuda":
+            return index.pin_memory().to(self.device, non_blocking=True)
+        return index.to(self.device)
 
     # ---- what the phases share
     # -------------------------------------------------------------------------------
@@ -254,8 +273,7 @@ class Trainer:
                         if step > 0 or self.batches.position > 0:
                             self.batches.start_pass()  # drop the remainder of the last pass
                     self.switches.before_step(acc.process_index, step)
-                    index = self.rank_slice(self.batches.take(cfg["batch_size"])).to(self.device)
-                    for k, v in self.train_step(index).items():
+                    for k, v in self.step(*self.next_batch()).items():
                         sums[k] = sums[k] + v if k in sums else v.clone()
                     step, step_in_epoch, window_steps = step + 1, step_in_epoch + 1, window_steps + 1
                     epoch_done = step_in_epoch == self.steps_per_epoch
@@ -291,9 +309,13 @@ class Trainer:
 
     def set_epoch_lr(self, epoch: int) -> None:
         scale = lr_scale(epoch, self.train_cfg["lr_milestones"], self.train_cfg["lr_gamma"])
+        changed = False
         for name, opt in self.optimizers.items():
             for group in opt.param_groups:
-                group["lr"] = base_lr(self.recipe.values, name) * scale
+                lr = base_lr(self.recipe.values, name) * scale
+                changed, group["lr"] = changed or group["lr"] != lr, lr
+        if changed and isinstance(self.step, GraphedStep):
+            self.step.reset()  # the recording holds the old rates
 
     def log(self, sums: dict, steps: int, elapsed: float, step: int, epoch: int, epoch_done: bool) -> dict:
         """One host sync per log line: means over the window, averaged across ranks."""
@@ -361,6 +383,8 @@ class Trainer:
     def finish(self) -> None:
         acc = self.accelerator
         self.monitor.repeat_warnings()
+        if isinstance(self.step, GraphedStep):
+            acc.print(self.step.summary())
         if acc.is_main_process:
             ckpt.save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors")
             if self.train_cfg["pictures"]:
@@ -382,11 +406,15 @@ class Trainer:
         # unused
         # parameters; single-code models skip that cost.
         partial_phases = classifying or len(values["codes"]) > 1
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=partial_phases)]
+        if values["run"]["cuda_graphs"] != "off" and torch.cuda.is_available():
+            # autocast's cache of cast weights would hold tensors made inside a recording
+            handlers.append(AutocastKwargs(cache_enabled=False))
         self.accelerator = acc = accelerator or Accelerator(
             mixed_precision=values["run"]["mixed_precision"],
             log_with=log_with,
             project_dir=str(self.run_dir),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_phases)],
+            kwargs_handlers=handlers,
         )
         refuse_lonely_process(acc.num_processes)
         batch = self.settings.batch_size
@@ -396,6 +424,12 @@ class Trainer:
                 f"{acc.num_processes} processes; use a multiple of {acc.num_processes}"
             )
         self.device = acc.device
+        if self.device.type == "cpu" and values["run"]["mixed_precision"] == "fp16":
+            # Accelerate would train in fp32 without a word; fp16's gradient scaler is for GPUs
+            raise UserError(
+                f'{self.recipe.path}: run.mixed_precision: "fp16" needs a GPU and this run is on the CPU; '
+                'use "bf16" (fast on CPUs) or "no"'
+            )
         if self.device.type == "cpu":
             keep_freed_memory()
             set_flush_denormals(values["run"]["flush_denormals"])
@@ -470,7 +504,11 @@ class Trainer:
             )
 
     def _setup_optimizers(self) -> None:
-        masters = self.master_weights
+        masters, acc = self.master_weights, self.accelerator
+        problem = graphs_problem(self.device, acc.num_processes, isinstance(self.train_data, DeviceData))
+        self.graphed = use_graphs(
+            self.recipe.values["run"]["cuda_graphs"], problem, self.recipe.path, acc.print
+        )
         self.optimizers = phase_optimizers(
             self.recipe.values,
             self.model,
@@ -478,6 +516,7 @@ class Trainer:
             bool(self.classifying_heads),
             self.device,
             masters,
+            capturable=self.graphed,
         )
         if masters is not None:
             missing = compiled_kernel()[1]
@@ -528,6 +567,11 @@ class Trainer:
             ShuffledBatches(len(self.labelled_index), self.seed + 3) if len(self.labelled_index) else None
         )
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + 7 + acc.process_index)
+        self.step = self.train_step
+        if self.graphed:
+            strict = self.recipe.values["run"]["cuda_graphs"] == "on"
+            self.step = GraphedStep(self.train_step, [self.noise], strict=strict, log=acc.print)
+            acc.print("cuda graphs: the training step is recorded after 3 eager steps and replayed")
         if checkpoint is not None:
             self.start = ckpt.restore_training(self, checkpoint)
             self._last_good = str(checkpoint.path)

@@ -15,7 +15,9 @@ def make_optimizer(
     params: list[torch.nn.Parameter],
     device: torch.device,
     masters: MasterWeights | None = None,
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
+    """``capturable``: every update stays on the device (step counts too), so a CUDA graph can hold it."""
     kind = settings["name"]
     if masters is not None and kind == "sgd":  # bf16 weights with fp32 masters (bf16 on a CPU)
         return MasterSGD(
@@ -42,7 +44,9 @@ def make_optimizer(
             momentum=settings["momentum"],
             nesterov=settings["nesterov"],
             weight_decay=settings["weight_decay"],
-            foreach=True,
+            # fused: the gradient scaler (fp16) checks for inf/nan on the device, never on the host
+            fused=True if capturable else None,
+            foreach=None if capturable else True,
         )
     cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
     # fused kernels do the whole update in one pass; foreach where fused is unavailable
@@ -54,6 +58,7 @@ def make_optimizer(
         weight_decay=settings["weight_decay"],
         fused=fused,
         foreach=None if fused else True,
+        capturable=capturable,
     )
 
 
@@ -71,6 +76,7 @@ def phase_optimizers(
     classifying: bool,
     device: torch.device,
     masters: MasterWeights | None,
+    capturable: bool = False,
 ) -> dict[str, torch.optim.Optimizer]:
     """{"reconstruction", "discriminator.<code>"..., "generator"[, "classification"]}: what each phase
     updates."""
@@ -82,6 +88,7 @@ def phase_optimizers(
             [*model.encoder.parameters(), *model.decoder.parameters(), *head_params],
             device,
             masters,
+            capturable,
         )
     }
     for code, discriminator in model.discriminators.items():
@@ -90,13 +97,14 @@ def phase_optimizers(
             list(discriminator.parameters()),
             device,
             masters,
+            capturable,
         )
     optimizers["generator"] = make_optimizer(
-        optim["generator"], list(model.encoder.parameters()), device, masters
+        optim["generator"], list(model.encoder.parameters()), device, masters, capturable
     )
     if classifying:
         optimizers["classification"] = make_optimizer(
-            optim["classification"], list(model.encoder.parameters()), device, masters
+            optim["classification"], list(model.encoder.parameters()), device, masters, capturable
         )
     return optimizers
 

@@ -61,6 +61,13 @@ CORE: dict[str, dict[str, Param]] = {
             "bf16 copy in the same pass (autocast's numbers without its per-step casts); "
             "false: plain autocast",
         ),
+        "cuda_graphs": Param(
+            str,
+            "off",
+            choices=("off", "on", "auto"),
+            help="on one GPU: record the whole training step once as a CUDA graph and replay it (one "
+            'launch instead of hundreds); "auto": where it can run, "on": an error where it cannot',
+        ),
     },
     "data": {
         "name": Param(str, help='the dataset plugin, e.g. name = "mnist"'),

@@ -125,28 +125,26 @@ def make_trainer(overrides: list[str], run_dir: Path):
 
 class EngineSteps:
     """One step exactly as `Trainer.fit` takes it: next batch from the engine's own stream, the three
-    phases, and the running sums of the metrics (no host sync; fit syncs once per log line)."""
+    phases (replayed as a CUDA graph where the recipe says so), and the running sums of the metrics (no host
+    sync; fit syncs once per log line)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.sums: dict = {}
 
-    def __call__(self) -> None:
+    def metrics(self) -> dict:
         t = self.trainer
         if t.batches.position + t.train_cfg["batch_size"] > t.batches.n:
             t.batches.start_pass()
-        index = t.rank_slice(t.batches.take(t.train_cfg["batch_size"])).to(t.device)
-        for k, v in t.train_step(index).items():
+        return t.step(*t.next_batch())
+
+    def __call__(self) -> None:
+        for k, v in self.metrics().items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
 
     def reconstruction_losses(self, steps: int) -> list[float]:
-        losses = []
-        for _ in range(steps):
-            t = self.trainer
-            if t.batches.position + t.train_cfg["batch_size"] > t.batches.n:
-                t.batches.start_pass()
-            index = t.rank_slice(t.batches.take(t.train_cfg["batch_size"])).to(t.device)
-            losses.append(t.train_step(index)["loss/reconstruction"])
+        # a replayed graph overwrites its outputs on the next step: keep copies
+        losses = [self.metrics()["loss/reconstruction"].clone() for _ in range(steps)]
         return torch.stack(losses).float().tolist()
 
 
@@ -537,9 +535,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the long `aaekit run`s with and without denormal flushing",
     )
+    parser.add_argument("--batch", type=int, help="mini-batch size (default 100, the paper's)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     opts = parser.parse_args(argv)
     cfg = dict(QUICK if opts.quick else FULL)
+    if opts.batch:
+        cfg["batch"] = opts.batch
     if opts.rounds:
         cfg["rounds"] = opts.rounds
     if opts.steps:
@@ -565,6 +566,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         contenders["aaekit_bf16_autocast"] = EngineSteps(autocast)
     contenders["plain_fp32"] = PlainLoop(fp32.dataset.load("train").x, cfg["hidden"], cfg["batch"])
+    # On a GPU: the engine with its step replayed as a CUDA graph (run.cuda_graphs), per precision. Replays
+    # run no operators from Python, so their FLOPs, matmuls and ceiling are their eager twins'.
+    graphed = {}
+    if DEVICE.type == "cuda":
+        for precision in ("fp32", *mixed):
+            extra = ["run.cuda_graphs=on"] + (
+                [] if precision == "fp32" else [f"run.mixed_precision={precision}"]
+            )
+            graphed[f"aaekit_graphs_{precision}"] = EngineSteps(
+                make_trainer(recipe_overrides(cfg, *extra), work / f"graphs-{precision}")
+            )
+    twin = {n: n.replace("graphs_", "") for n in graphed}
 
     # Where each step's time goes. (Before denormal flushing, Adam and the casts profiled here after the
     # timing
@@ -587,7 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     assert "aaekit_bf16_autocast" not in dtypes or "bfloat16" in dtypes["aaekit_bf16_autocast"], dtypes
     assert "aaekit_fp16" not in dtypes or "float16" in dtypes["aaekit_fp16"], dtypes
     replays = {f"ceiling_{n}": MatmulReplay(calls) for n, (calls, _) in profiles.items()}
-    timed = alternate({**contenders, **replays}, cfg)
+    timed = alternate({**contenders, **graphed, **replays}, cfg)
+    for n in graphed:
+        profiles[n], dtypes[n], breakdowns[n] = profiles[twin[n]], dtypes[twin[n]], None
+        timed[f"ceiling_{n}"], replays[f"ceiling_{n}"] = (
+            timed[f"ceiling_{twin[n]}"],
+            replays[f"ceiling_{twin[n]}"],
+        )
+    contenders.update(graphed)
 
     batch = cfg["batch"]
     results: dict = {}
@@ -616,10 +636,15 @@ def main(argv: list[str] | None = None) -> int:
         speedups[f"{n}_vs_plain_fp32_per_round"] = [p / a for a, p in zip(timed[n], timed["plain_fp32"])]
 
     # A short loss curve, bf16 (and fp16 on a GPU) against fp32, from the same seed and the same batches.
-    del fp32, trainer, contenders, autocast
+    # On a GPU also each precision with its step replayed as a CUDA graph, which should match its eager run.
+    del fp32, trainer, contenders, autocast, graphed
     curves = {}
-    for name in ("fp32", *mixed):
-        extra = [] if name == "fp32" else [f"run.mixed_precision={name}"]
+    graph_runs = [f"graphs_{p}" for p in ("fp32", *mixed)] if DEVICE.type == "cuda" else []
+    for name in ("fp32", *mixed, *graph_runs):
+        precision = name.removeprefix("graphs_")
+        extra = [] if precision == "fp32" else [f"run.mixed_precision={precision}"]
+        if name in graph_runs:
+            extra.append("run.cuda_graphs=on")
         trainer = make_trainer(recipe_overrides(cfg, *extra), work / f"curve-{name}")
         curves[name] = EngineSteps(trainer).reconstruction_losses(cfg["curve_steps"])
         del trainer
@@ -631,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in mixed:  # bf16's keeps its original key
         key = "final_relative_difference" if name == "bf16" else f"{name}_final_relative_difference"
         curve[key] = abs(curve[name][-1] - curve["fp32"][-1]) / curve["fp32"][-1]
+    for name in graph_runs:  # a replayed step against the eager one of its precision, step by step
+        eager = curves[name.removeprefix("graphs_")]
+        curve[f"{name}_vs_eager_max_relative_difference"] = max(
+            abs(a - b) / abs(b) for a, b in zip(curves[name], eager)
+        )
 
     report = {
         "benchmark": "throughput",
@@ -696,6 +726,8 @@ def print_table(report: dict) -> None:
     print(f"{'contender':<21}" + "".join(f"{c:>10}" for c in BREAKDOWN_CATEGORIES) + f"{'total':>8}")
     for n, r in report["results"].items():
         b = r["time_breakdown"]
+        if b is None:  # a replayed CUDA graph runs no operators from Python
+            continue
         print(
             f"{n:<21}"
             + "".join(f"{b['ms_per_step'][c]:>10.2f}" for c in BREAKDOWN_CATEGORIES)
@@ -715,6 +747,12 @@ def print_table(report: dict) -> None:
     )
     if "fp16" in c:
         print(f"  fp16 {c['fp16'][-1]:.4f} ({100 * c['fp16_final_relative_difference']:.1f}% from fp32)")
+    for k, v in c.items():
+        if k.endswith("_vs_eager_max_relative_difference"):
+            print(
+                f"  {k.split('_vs_')[0].replace('_', ' ')} against eager: "
+                f"at most {100 * v:.2f}% apart per step"
+            )
     if "cli" in report:
         cli = report["cli"]
         print(
