@@ -49,8 +49,7 @@ class LoadedRun:
     # --- inputs ---------------------------------------------------------------------------------------
     def _as_inputs(self, x) -> torch.Tensor:
         """Examples as the encoder takes them: (n, D) floats; uint8 pixels are scaled as in training. Accepts
-        one
-        example or a batch, each shaped like the data (``input_shape``) or flat (D values)."""
+        one example or a batch, each shaped like the data (``input_shape``) or flat (D values)."""
         x = torch.as_tensor(x)
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
@@ -200,8 +199,7 @@ def load(
 ) -> LoadedRun:
     """Rebuild the trained model of ``run_dir`` (its ``recipe.toml`` and ``model.safetensors``). With
     ``checkpoint`` ("latest", a step number or a folder name under ``checkpoints/``) the weights come from
-    that
-    checkpoint instead: an unfinished or crashed run can be evaluated, or a run at several points of
+    that checkpoint instead: an unfinished or crashed run can be evaluated, or a run at several points of
     training."""
     from aaekit.checkpoint import checkpoint_model, load_tensors
     from aaekit.plugins import get_registry

@@ -208,8 +208,7 @@ def _newest_intact(root: Path, read, warn) -> tuple[Path, object, bool] | None:
 
 def checkpoint_model(root: Path, which: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """Model weights of one checkpoint under ``root``: ``which`` is "latest" (the newest that is intact), a
-    step
-    number, or a folder name such as "step-00012000". Returns (weights file, tensors)."""
+    step number, or a folder name such as "step-00012000". Returns (weights file, tensors)."""
     root = Path(root)
     available = list_checkpoints(root)
     if not available:

@@ -95,8 +95,7 @@ def run(recipe, overrides, output_dir, resume, log_with, plugins_dirs):
 @plugins_dir_option
 def validate(recipes, plugins_dirs):
     """Check recipes completely (every problem at once) without running them; KEY=VALUE overrides apply to
-    each,
-    as with `aaekit run`."""
+    each, as with `aaekit run`."""
     from aaekit.recipe import load_recipe
 
     overrides = [a for a in recipes if "=" in a and not Path(a).is_file()]

@@ -19,8 +19,7 @@ from aaekit.params import Param
 
 def cache_dir() -> Path:
     """Where aaekit and its plugins keep files they derive and can derive again (decoded datasets, the
-    compiled
-    optimizer loop): ``$AAEKIT_CACHE_DIR``, else ``~/.cache/aaekit``."""
+    compiled optimizer loop): ``$AAEKIT_CACHE_DIR``, else ``~/.cache/aaekit``."""
     return Path(os.environ.get("AAEKIT_CACHE_DIR") or Path.home() / ".cache" / "aaekit")
 
 

@@ -132,9 +132,8 @@ class Trainer:
     def regularization_phase(self, x: torch.Tensor, disc_labels: torch.Tensor) -> dict:
         """For each code: a discriminator step; then one generator step for the encoder over all codes."""
         out = {}
-        codes = self.encode(
-            x
-        )  # the encoder is not changed by discriminator steps, so one forward serves both
+        # the encoder is not changed by discriminator steps, so one forward serves both
+        codes = self.encode(x)
         for name, discriminator in self.discriminators.items():
             opt = self.opt_discriminators[name]
             opt.zero_grad(set_to_none=True)
@@ -224,11 +223,8 @@ class Trainer:
         """The discriminator's logits for code values (prior samples or codes); instance noise first, where
         set."""
         std = self.settings.instance_noise[name]
-        if (
-            std > 0
-            # blurs both sides alike, so exact prior samples (one-hots) cannot be told from codes by form
-            # alone
-        ):
+        # blurs both sides alike, so exact prior samples (one-hots) cannot be told from codes by form alone
+        if std > 0:
             values = values + std * torch.randn(
                 values.shape, generator=self.noise, device=values.device, dtype=values.dtype
             )
@@ -358,9 +354,8 @@ class Trainer:
     @torch.no_grad()
     def share_buffers(self) -> None:
         """Give every rank rank 0's buffers (batch-norm running statistics). Each rank updates them from its
-        own
-        slice of the batch, so without this the ranks would evaluate and save different models. (SyncBatchNorm
-        would keep them equal, but torch runs it on GPUs only.)"""
+        own slice of the batch, so without this the ranks would evaluate and save different models.
+        (SyncBatchNorm would keep them equal, but torch runs it on GPUs only.)"""
         if self.accelerator.num_processes > 1:
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
@@ -403,8 +398,7 @@ class Trainer:
             for h in values["heads"].values()
         )
         # Phases that use only part of the encoder (a classification step ignores z) need DDP to look for
-        # unused
-        # parameters; single-code models skip that cost.
+        # unused parameters; single-code models skip that cost.
         partial_phases = classifying or len(values["codes"]) > 1
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=partial_phases)]
         if values["run"]["cuda_graphs"] != "off" and torch.cuda.is_available():
@@ -546,9 +540,8 @@ class Trainer:
         self.encoder, self.decoder = wrapped[0], wrapped[1]
         self.discriminators = dict(zip(codes, wrapped[2 : 2 + len(codes)]))
         self.heads = {**m.heads, **dict(zip(heads, wrapped[2 + len(codes) :]))}
-        if (
-            self.master_weights is not None
-        ):  # bf16 gradients: the ranks' mean is taken in fp32 and rounded once
+        # bf16 gradients: the ranks' mean is taken in fp32 and rounded once
+        if self.master_weights is not None:
             ddp = [w for w in wrapped if isinstance(w, torch.nn.parallel.DistributedDataParallel)]
             for module in ddp:
                 module.register_comm_hook(None, mean_gradients_in_fp32)

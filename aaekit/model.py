@@ -14,8 +14,7 @@ from aaekit.contracts import CodeSpec, Head, Posterior, Prior
 
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU, batch_norm: bool = False) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (none after the last), each hidden
-    layer
-    batch-normalised before its activation when ``batch_norm``."""
+    layer batch-normalised before its activation when ``batch_norm``."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -188,8 +187,7 @@ def build_model(recipe, registry, input_shape: tuple[int, ...], num_classes: int
 @torch.no_grad()
 def check_component_outputs(model: AAE, x: torch.Tensor, sources: dict, autocast) -> None:
     """Run every component once on a few examples before training and check the shapes of what it returns, so
-    a
-    plugin's mistake is named (plugin, component, expected and received) instead of surfacing as a traceback
+    a plugin's mistake is named (plugin, component, expected and received) instead of surfacing as a traceback
     deep in a phase. In eval mode with its own generator: no batch-norm statistics or noise stream change."""
     from aaekit.errors import PluginError
 

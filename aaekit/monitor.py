@@ -20,9 +20,8 @@ class Monitor:
     def __init__(self, codes, imbalance_warning_steps: int, say=print):
         self.say = say
         self.limit = imbalance_warning_steps
-        self.imbalance = {
-            c: 0 for c in codes
-        }  # steps each code's game has been one-sided (saved in checkpoints)
+        # steps each code's game has been one-sided (saved in checkpoints)
+        self.imbalance = {c: 0 for c in codes}
         self.warned_imbalance: set[str] = set()
         self.first_losses: dict[str, float] = {}
         self.growth_warnings: dict[str, str] = {}
@@ -43,11 +42,9 @@ class Monitor:
 
     def check_imbalance(self, values: dict, steps: int) -> None:
         """Warn once per code when one side of its discriminator wins for a long stretch: the discriminator
-        right
-        on 90 % of prior samples and codes together (a gmm_label run whose codes never reached the prior sat
-        at
-        94-96 % from step 300 on; healthy runs stay near 60-75 %), or codes passing for prior samples 99 % of
-        the time."""
+        right on 90 % of prior samples and codes together (a gmm_label run whose codes never reached the prior
+        sat at 94-96 % from step 300 on; healthy runs stay near 60-75 %), or codes passing for prior samples
+        99 % of the time."""
         for code in self.imbalance:
             prior_acc, code_acc = values.get(f"accuracy/prior.{code}"), values.get(f"accuracy/code.{code}")
             if prior_acc is None:
@@ -67,8 +64,7 @@ class Monitor:
 
     def check_growth(self, values: dict, step: int) -> None:
         """Warn once per loss that grows far past where it started (a run heading for divergence in bf16
-        reaches
-        1e30 before it reaches inf)."""
+        reaches 1e30 before it reaches inf)."""
         for key, value in values.items():
             if not key.startswith("loss/"):
                 continue

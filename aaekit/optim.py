@@ -113,8 +113,7 @@ def hot_path(optimizer, acc: Accelerator):
     """The optimizer to call every step. Accelerate's wrapper probes the installed packages on each step()
     (importlib, ~0.1 ms a call) and inspects zero_grad's signature on each zero_grad(); without a gradient
     scaler (fp16), XLA or gradient accumulation it then only forwards to the optimizer it wraps, so that one
-    is
-    called directly. Measured on the paper's MNIST setting: about 1 ms of a 25 ms bf16 step."""
+    is called directly. Measured on the paper's MNIST setting: about 1 ms of a 25 ms bf16 step."""
     direct = (
         getattr(optimizer, "scaler", None) is None
         and acc.distributed_type != DistributedType.XLA

@@ -83,9 +83,8 @@ class Param:
     def _bounds(self, v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return None
-        if isinstance(v, float) and not math.isfinite(
-            v
-        ):  # nan passes every comparison, inf every lower bound
+        # nan passes every comparison, inf every lower bound
+        if isinstance(v, float) and not math.isfinite(v):
             return f"expected a finite number ({self.describe()}), got {_show(v)}"
         if (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
             return f"expected {self.describe()}, got {_show(v)}"

@@ -1,7 +1,6 @@
 """A run's life: its folder (chosen so that no earlier run is ever overwritten), its record (the resolved
-recipe
-and what the model was built from), and training it on every rank of an ``accelerate launch``, resumed or
-not."""
+recipe and what the model was built from), and training it on every rank of an ``accelerate launch``, resumed
+or not."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from aaekit.errors import RecipeError, TrainingStopped, UserError
 from aaekit.recipe import Recipe
 
 # A folder is a run once training has started: it then holds metrics, checkpoints or a finished model. A
-# folder
-# left by a run that failed before its first step (a recipe.toml at most) is free to be used again.
+# folder left by a run that failed before its first step (a recipe.toml at most) is free to be used again.
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "model.safetensors")
 MODEL_RECORD = "model.json"  # what the model was built from, so that loading a run never needs its data
 
@@ -190,13 +188,11 @@ def train(
     from aaekit.engine import RESUMABLE_CHANGES
 
     # A bare PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it), and once created it
-    # fixes
-    # the process group, so CPU mode must be passed here or a 2-process CPU launch sees one process.
+    # fixes the process group, so CPU mode must be passed here or a 2-process CPU launch sees one process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     refuse_lonely_process(state.num_processes)  # before anything is written
     # Every rank checks before any rank creates the directory; rank 0's choice (the -2, -3 suffix) and whether
-    # it
-    # could create and write the folder are then broadcast, so that all ranks agree (and all stop on a bad
+    # it could create and write the folder are then broadcast, so that all ranks agree (and all stop on a bad
     # path).
     run_dir, problem = choose_run_dir(recipe, output_dir, resume), ""
     if state.is_main_process:

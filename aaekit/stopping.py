@@ -1,9 +1,8 @@
 """Stopping a run on request: Ctrl-C (SIGINT) and a scheduler's SIGTERM (preemption, a time limit).
 
 A request only asks: training goes on to the next log step (a step boundary where the ranks synchronise
-anyway),
-writes a checkpoint there and stops, so the checkpoint holds whole steps and whole metric windows and resuming
-stays exact. The same request again stops at once (the last periodic checkpoint remains)."""
+anyway), writes a checkpoint there and stops, so the checkpoint holds whole steps and whole metric windows and
+resuming stays exact. The same request again stops at once (the last periodic checkpoint remains)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
 """Test-only switches, read from the environment once per run; the engine calls them at two points (before
-each
-step, after the final save). Unset, they do nothing.
+each step, after the final save). Unset, they do nothing.
 
 - ``AAEKIT_TEST_RAISE_AT="RANK:STEP"``: that rank raises before that step (the other ranks must not hang).
 - ``AAEKIT_TEST_SIGNAL_AT="SIGNAL:STEP"`` (e.g. ``SIGINT:26``): the process sends itself that real signal as
-the
-  step begins, so kill, Ctrl-C and SIGTERM tests do not race a run that may finish before a watcher reacts.
+  the step begins, so kill, Ctrl-C and SIGTERM tests do not race a run that may finish before a watcher
+  reacts.
 - ``AAEKIT_DUMP_RANKS=DIR``: every rank saves its own final weights to ``DIR/rank{r}.safetensors``, so tests
-can
-  show that data-parallel ranks end identical.
+  can show that data-parallel ranks end identical.
 - ``AAEKIT_TEST_KILL_IN_CHECKPOINT=STEP`` lives in :mod:`aaekit.checkpoint`, where the write it interrupts is.
 """
 

@@ -10,8 +10,7 @@ evaluated with `aaekit eval`, as a user would run them.
 The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
 Experiments whose recipe does not exist are listed as skipped, with the reason.
 Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under
-runs/reproduce/
-(--runs DIR elsewhere).
+runs/reproduce/ (--runs DIR elsewhere).
 """
 
 from __future__ import annotations
@@ -456,9 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {row['status']}: {detail}", flush=True)
         with lock:
             finished[exp.key].append(row)
-            if len(finished[exp.key]) == len(
-                seeds
-            ):  # an experiment enters the report once all its seeds have
+            # an experiment enters the report once all its seeds have
+            if len(finished[exp.key]) == len(seeds):
                 rows[exp.key] = combine_seeds(sorted(finished[exp.key], key=lambda r: r["seed"] or 0))
                 write_report()
 

@@ -4,14 +4,12 @@ Everything that is compared runs in this one process, in alternating rounds (the
 so that a noisy, shared machine slows every contender alike; the figure reported for each is the median of
 its rounds. Run it from the repository root:
 
-    .venv/bin/python benchmarks/throughput.py            # the paper's likelihood setting (minutes)
-    .venv/bin/python benchmarks/throughput.py --quick    # tiny nets and budget: checks that it works
-    (seconds)
+    .venv/bin/python benchmarks/throughput.py           # the paper's likelihood setting (minutes)
+    .venv/bin/python benchmarks/throughput.py --quick   # tiny nets and budget: checks that it works (seconds)
 
 It prints a table and writes benchmarks/results/throughput.json (figures, versions, threads, CPU, GPU), with
 each contender's step split by torch.profiler into matrix products, optimizer, dtype casts, data loading,
-other
-operators, autograd bookkeeping and Python.
+other operators, autograd bookkeeping and Python.
 On a machine with a GPU every contender runs on it (the engine where Accelerate puts it, the plain loop and
 the replayed matmuls beside it), timed with the GPU synchronised, and fp16 is timed beside bf16.
 """
@@ -274,15 +272,14 @@ MATMUL_NAMES = {"aten::mm", "aten::addmm", "aten::bmm"}
 CAST_NAMES = {"aten::copy_", "aten::_to_copy"}
 # matmul: matrix products; optimizer: inside Optimizer.step/zero_grad; casts: copy_/_to_copy (autocast's dtype
 # casts among them); data: inside a DataLoader's next(); other_ops: every other operator; autograd: the
-# autograd
-# engine's own bookkeeping; python: wall time outside any operator.
+# autograd engine's own bookkeeping; python: wall time outside any operator.
 BREAKDOWN_CATEGORIES = ("matmul", "optimizer", "casts", "data", "other_ops", "autograd", "python")
 
 
 def category_of(event) -> str:
     """Everything inside an optimizer's step/zero_grad is the optimizer's (the plain loop's unfused Adam is
-    many
-    small operators), everything inside a DataLoader's next() is data loading; else the operator decides."""
+    many small operators), everything inside a DataLoader's next() is data loading; else the operator
+    decides."""
     node = event
     while node is not None:  # the event itself, then its enclosing spans
         if node.name.startswith("Optimizer."):
@@ -318,14 +315,12 @@ def profile_steps(step, steps: int) -> tuple[float, dict]:
 def time_breakdowns(contenders: dict, cfg: dict) -> dict:
     """Milliseconds per step by category for each contender (host time: on a GPU, what the CPU spends
     launching), profiled in alternating rounds like the timing. The profiler slows each operator call a
-    little,
-    so the categories add up to the profiled step time (`profiled_step_ms`), somewhat above the unprofiled
-    one;
-    "python" is the wall time outside any operator."""
+    little, so the categories add up to the profiled step time (`profiled_step_ms`), somewhat above the
+    unprofiled one; "python" is the wall time outside any operator."""
     steps = cfg["breakdown_steps"]
     # A contender's first profiled steps are slow (bf16's casts measured 17, then 10, then 3.6 ms a step in
-    # three
-    # 5-step profiles in a row, and 3.6 ms at once after 40 unprofiled steps), so unprofiled steps go first.
+    # three 5-step profiles in a row, and 3.6 ms at once after 40 unprofiled steps), so unprofiled steps go
+    # first.
     for step in contenders.values():
         for _ in range(8 * steps):
             step()
@@ -432,9 +427,8 @@ def cli_timings(cfg: dict, work: Path) -> dict:
 
 def long_runs(cfg: dict, work: Path) -> dict:
     """`aaekit run` for `long_steps` steps with denormal flushing on and off (`run.flush_denormals`):
-    samples/s
-    per log window. Without flushing a CPU run slows down as Adam's running averages fill with denormals, long
-    after the few hundred steps the alternating rounds above take."""
+    samples/s per log window. Without flushing a CPU run slows down as Adam's running averages fill with
+    denormals, long after the few hundred steps the alternating rounds above take."""
     out = {}
     windows = 6
     for flush in (True, False):
@@ -580,8 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     twin = {n: n.replace("graphs_", "") for n in graphed}
 
     # Where each step's time goes. (Before denormal flushing, Adam and the casts profiled here after the
-    # timing
-    # read twice as slow as at its start: the denormals that had built up in Adam's state by then.)
+    # timing read twice as slow as at its start: the denormals that had built up in Adam's state by then.)
     breakdowns = time_breakdowns(contenders, cfg)
     # FLOPs and matmuls of one step of each; the ceilings replay those matmuls alone.
     profiles = {n: one_step_profile(fn) for n, fn in contenders.items()}

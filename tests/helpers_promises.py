@@ -1,7 +1,6 @@
 """Helpers for tests that check what a feature produces, not only that it ran: what a decoder was given
-(observed
-with a forward hook, nothing replaced), PNG grids read back, and which arm of the gmm prior a 2-D point lies
-on."""
+(observed with a forward hook, nothing replaced), PNG grids read back, and which arm of the gmm prior a 2-D
+point lies on."""
 
 from __future__ import annotations
 
@@ -20,10 +19,8 @@ PNG_TOLERANCE = 2.5 / 255
 def decoder_inputs(input_width: int):
     """The inputs (rows x ``input_width``) of every MLP (nn.Sequential starting with a Linear layer that takes
     ``input_width`` values) called in eval mode while the block runs, in call order: what a decoder is given
-    when
-    a picture or a sample is made, in this process (the in-process CLI included). Training steps run the
-    modules
-    in train mode and are not recorded."""
+    when a picture or a sample is made, in this process (the in-process CLI included). Training steps run the
+    modules in train mode and are not recorded."""
     seen: list[torch.Tensor] = []
 
     def hook(module, args):

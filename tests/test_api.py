@@ -169,8 +169,7 @@ def test_sample_labels_land_on_their_component(cli_run):
 
 def test_interpolation_walks_between_draws_of_the_rows_label(cli_run):
     """interpolate(n, steps, labels): row i walks in a straight line, in even steps, between two draws of
-    label
-    i's arm, and the images are those points decoded."""
+    label i's arm, and the images are those points decoded."""
     run = aaekit.load(cli_run)
     labels = torch.arange(10).repeat(3)
     with decoder_inputs(2) as seen:

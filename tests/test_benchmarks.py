@@ -47,9 +47,8 @@ def test_throughput_quick_writes_every_figure(tmp_path, capsys):
         measured = sum(v for category, v in split.items() if category != "python")
         assert measured <= 1.01 * r["time_breakdown"]["profiled_step_ms"], (name, split, r["time_breakdown"])
     assert report["results"]["plain_fp32"]["time_breakdown"]["ms_per_step"]["data"] > 0  # its DataLoader
-    assert (
-        report["results"]["aaekit_fp32"]["time_breakdown"]["ms_per_step"]["data"] == 0
-    )  # an index, no loader
+    # an index, no loader
+    assert report["results"]["aaekit_fp32"]["time_breakdown"]["ms_per_step"]["data"] == 0
     assert "bfloat16" in report["results"]["aaekit_bf16"]["matmul_dtypes"]
     assert {"aaekit_fp32_vs_plain_fp32", "aaekit_bf16_vs_plain_fp32"} <= set(report["speedups"])
     curve = report["bf16_loss_curve"]
@@ -102,8 +101,7 @@ def test_reproduce_parallel_keeps_the_table_order_and_every_row(tmp_path):
 
 def test_reproduce_seeds_reports_the_mean_and_every_seed(tmp_path):
     """--seeds 2: the experiment is trained with run.seed 0 and 1 (two runs, two folders) and the table gives
-    the
-    mean of their numbers with each seed's."""
+    the mean of their numbers with each seed's."""
     import statistics
 
     import tomllib

@@ -33,8 +33,7 @@ SUMMARY = re.compile(r"\d+ problem\(s\) found; nothing was run\.")
 
 def test_user_mistakes_exit_2_without_traceback(tmp_path):
     """Each mistake: exit status 2 and, on stderr, exactly one `error: ...` line per problem, naming it (a
-    recipe's
-    problems are followed by their count), and nothing else: no traceback, no second line."""
+    recipe's problems are followed by their count), and nothing else: no traceback, no second line."""
     gaussian = str(ROOT / "recipes" / "gaussian.toml")
     cases = [
         (("run", str(tmp_path / "missing.toml")), [f"{tmp_path / 'missing.toml'}: recipe file not found"]),

@@ -118,9 +118,8 @@ def test_short_clustering_run_beats_a_random_assignment(tmp_path):
     run = tmp_path / "run"
     done = aaekit("run", str(recipe), "--output-dir", str(run))
     assert done.returncode == 0, done.stderr
-    result = aaekit(
-        "eval", str(run), "--device", "cpu"
-    )  # no labels, a categorical code: clustering by default
+    # no labels, a categorical code: clustering by default
+    result = aaekit("eval", str(run), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     assert got["metric"] == "clustering"
@@ -136,8 +135,7 @@ def test_short_clustering_run_beats_a_random_assignment(tmp_path):
 
 def test_cluster16_recipe_runs_and_draws_one_row_per_cluster(tmp_path):
     """clusters.png (the paper's Figure 9): row k holds the first 20 test images that the trained model
-    assigns
-    to cluster k (argmax q(y|x)), in test-set order, the rest of the row black."""
+    assigns to cluster k (argmax q(y|x)), in test-set order, the rest of the row black."""
     from helpers_promises import as_grid, read_grid, same_picture
 
     import aaekit as api

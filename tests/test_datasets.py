@@ -459,8 +459,7 @@ def test_default_columns_are_named_with_what_was_left_out(tmp_path, capsys):
 
 def test_a_folder_of_files_is_split_by_name_and_rows_are_counted_within_each_file(tmp_path, capsys):
     """``datasets`` finds the splits (``train-*.csv``, ``test.csv``); each file is read on its own, so a bad
-    cell
-    is named by its file and its row there. Text labels are the train split's classes in sorted order (as
+    cell is named by its file and its row there. Text labels are the train split's classes in sorted order (as
     datasets' ClassLabel numbers them); a test class the train split lacks is refused."""
     folder = tmp_path / "parts"
     folder.mkdir()

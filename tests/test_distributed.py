@@ -93,10 +93,8 @@ def assert_written_once(run_dir: Path, steps: int, log_every: int) -> None:
 
 def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path):
     """Two codes, the classifier head (find_unused_parameters, classification phase on the labelled stream),
-    the
-    cluster-heads head (§7) and a batch-normalised encoder (each rank updates the running statistics from its
-    own
-    slice: they must still end identical, and validation must use the same ones on both ranks)."""
+    the cluster-heads head (§7) and a batch-normalised encoder (each rank updates the running statistics from
+    its own slice: they must still end identical, and validation must use the same ones on both ranks)."""
     steps = 102  # 6 epochs of 17 steps: the last log line is an epoch end, with validation metrics
     # 41 items: uneven shards (21 + 20) to gather. A deterministic posterior here: the universal one draws eta
     # per shard during evaluation, so its validation numbers depend on how the split is sharded (see README).
@@ -150,8 +148,7 @@ def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path
 
 def test_two_ranks_gmm_label_identical_only_rank0_writes(tmp_path):
     """The label-conditioned GMM recipe (§2.3), pictures on, the training split streamed (data.in_memory =
-    false:
-    each rank gathers only its own slice of every batch): every module identical on both ranks."""
+    false: each rank gathers only its own slice of every batch): every module identical on both ranks."""
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     steps = 100
     result = launch_two_ranks(
@@ -187,8 +184,7 @@ def test_two_ranks_gmm_label_identical_only_rank0_writes(tmp_path):
 def test_one_rank_raising_stops_every_rank(tmp_path):
     """Rank 1 fails at step 3 while rank 0 waits in a collective: the launcher ends both, non-zero, with the
     failing rank's traceback; rank 0 trains no further (no log line, no checkpoint, no model). A hang would
-    end
-    in the subprocess's timeout, a failure of its own."""
+    end in the subprocess's timeout, a failure of its own."""
     recipe = write_recipe(tmp_path, 40)
     run_dir = tmp_path / "run"
     result = launch_two_ranks(
@@ -221,13 +217,11 @@ def test_several_processes_that_accelerate_does_not_join_are_refused(tmp_path):
 
 
 def test_bf16_trains_close_to_fp32(tmp_path):
-    """100 steps of the two-code schedule (universal posterior, input noise, the classification phase) in
-    fp32 and
-    in bf16 (on a CPU: bf16 weights with fp32 masters): bf16 learns what fp32 learns. Its reconstruction and
-    classification losses drop by as much within 15 %, and every trained part ends near fp32's weights: their
-    distance is under a third of how far fp32's weights travelled from the initial ones both runs share (a
-    bf16
-    layer that is not updated, or updated at another rate, ends about its whole travel away)."""
+    """100 steps of the two-code schedule (universal posterior, input noise, the classification phase) in fp32
+    and in bf16 (on a CPU: bf16 weights with fp32 masters): bf16 learns what fp32 learns. Its reconstruction
+    and classification losses drop by as much within 15 %, and every trained part ends near fp32's weights:
+    their distance is under a third of how far fp32's weights travelled from the initial ones both runs share
+    (a bf16 layer that is not updated, or updated at another rate, ends about its whole travel away)."""
     steps = 100
     recipe = write_recipe(tmp_path, steps)
     lines, weights = {}, {}
@@ -346,12 +340,9 @@ def test_killed_interrupted_and_corrupted_runs_resume_bitwise_identical(tmp_path
 
 def test_two_ranks_killed_and_resumed_end_bitwise_identical(tmp_path):
     """Exact resume under accelerate launch: two ranks killed (a real SIGKILL, between checkpoints) and
-    resumed on
-    two ranks end bit-identical to two ranks run straight through: weights, optimizer state, each rank's own
-    noise
-    stream (eta of the universal posterior, input noise, prior samples), the shared batch streams, the
-    counters,
-    and the same logged losses."""
+    resumed on two ranks end bit-identical to two ranks run straight through: weights, optimizer state, each
+    rank's own noise stream (eta of the universal posterior, input noise, prior samples), the shared batch
+    streams, the counters, and the same logged losses."""
     steps = 24
     recipe = write_recipe(tmp_path, steps)
     reference, broken = tmp_path / "reference", tmp_path / "broken"
@@ -382,10 +373,8 @@ def test_two_ranks_killed_and_resumed_end_bitwise_identical(tmp_path):
 
 def test_resuming_on_another_number_of_processes(tmp_path):
     """A checkpoint written by one process resumes on two ranks, and theirs on one again: training goes on
-    from
-    the step, the weights and the optimizer state it holds (a note says the per-rank noise streams restart),
-    and
-    the two ranks stay identical."""
+    from the step, the weights and the optimizer state it holds (a note says the per-rank noise streams
+    restart), and the two ranks stay identical."""
     recipe = write_recipe(tmp_path, 8)
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     result = aaekit("run", str(recipe), "--output-dir", str(run_dir))
@@ -421,8 +410,7 @@ def test_resuming_on_another_number_of_processes(tmp_path):
 
 def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     """The first Ctrl-C asks to stop at the next log step; a second one stops at once, mid-way: no checkpoint
-    of
-    the step it stopped in, no further log line, the finished model of the earlier leg untouched; the last
+    of the step it stopped in, no further log line, the finished model of the earlier leg untouched; the last
     periodic checkpoint remains and resumes. The next log step is thousands of steps away (an epoch of all of
     MNIST), so the second signal, sent when the first one's message appears, always comes before it."""
     run_dir = tmp_path / "run"

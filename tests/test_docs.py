@@ -171,9 +171,8 @@ def test_the_results_pages_cover_every_report(site):
     for report in sorted((ROOT / "benchmarks" / "results").iterdir()):
         if report.suffix in (".json", ".jsonl"):
             assert report.name in results + benchmarks, f"{report.name} is on neither results nor benchmarks"
-    assert (
-        "NVIDIA H100 80GB HBM3" in results and "312.4 ± 2.1 nats" in results
-    )  # a generated table, not a marker
+    # a generated table, not a marker
+    assert "NVIDIA H100 80GB HBM3" in results and "312.4 ± 2.1 nats" in results
 
 
 def test_the_plugin_api_is_documented():
@@ -391,9 +390,8 @@ def shell_commands(code: str) -> list[list[str]]:
     return [c for c in per_line if c]
 
 
-DEFERRED: list[
-    tuple[str, list[str]]
-] = []  # aaekit commands on the example plugin's files: checked once it is installed
+# aaekit commands on the example plugin's files: checked once it is installed
+DEFERRED: list[tuple[str, list[str]]] = []
 
 
 def check_aaekit(args: list[str], where: str) -> None:

@@ -215,8 +215,7 @@ def test_imbalance_warning_for_the_encoder_side(trainer, capsys):
 
 def test_imbalance_warning_catches_the_measured_failure(trainer, capsys):
     """gmm_label with a too slow generator ended at 94 % accuracy on codes, 99 % on prior samples, with the
-    codes
-    far outside the prior: that must warn; a healthy run (45 % / 80 %) must not."""
+    codes far outside the prior: that must warn; a healthy run (45 % / 80 %) must not."""
     t = trainer("train.imbalance_warning_steps=20")
     t.monitor.check_imbalance({"accuracy/prior.z": 0.80, "accuracy/code.z": 0.45}, 100)
     assert "warning" not in capsys.readouterr().out

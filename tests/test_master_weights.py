@@ -1,6 +1,5 @@
 """bf16 on a CPU with fp32 master weights (aaekit/cpu/master_weights.py): the same numbers as autocast,
-checkpoints in
-fp32, exact resume, two ranks, and the torch fallback when no compiler is there."""
+checkpoints in fp32, exact resume, two ranks, and the torch fallback when no compiler is there."""
 
 from __future__ import annotations
 
@@ -56,8 +55,7 @@ def small_net(seed: int) -> torch.nn.Module:
 
 def one_update(decoupled: bool, kernel: bool):
     """One autocast step of a small net through MasterAdam (compiled loop or torch fallback) and through
-    torch's
-    Adam/AdamW on fp32 weights, from the same weights and batch."""
+    torch's Adam/AdamW on fp32 weights, from the same weights and batch."""
     reference, net = small_net(0), small_net(0)
     masters = MasterWeights(net, [net])
     opt = MasterAdam(
@@ -79,9 +77,8 @@ def one_update(decoupled: bool, kernel: bool):
 @linux_only
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_compiled_update_is_torchs_adam_and_writes_the_rounded_weights(decoupled):
-    assert compiled_kernel()[1] is None, compiled_kernel()[
-        1
-    ]  # a C compiler is there: the loop is really built
+    # a C compiler is there: the loop is really built
+    assert compiled_kernel()[1] is None, compiled_kernel()[1]
     # it shares torch's OpenMP runtime instead of loading a second one (two thread pools would fight for the
     # cores)
     maps = open("/proc/self/maps").read().splitlines()
@@ -115,8 +112,7 @@ def test_torch_fallback_is_bit_identical_to_torchs_adam():
 )
 def test_sgd_through_masters_is_bit_identical_to_torchs(kernel, momentum, nesterov, weight_decay):
     """The compiled SGD loop and its torch fallback both give torch's SGD on fp32 weights bit for bit (the
-    first
-    step creates the momentum buffers, the later ones use them)."""
+    first step creates the momentum buffers, the later ones use them)."""
     reference, net = small_net(0), small_net(0)
     masters = MasterWeights(net, [net])
     opt = MasterSGD(
@@ -173,10 +169,8 @@ def test_optimizer_state_reloads_in_fp32():
 @pytest.mark.parametrize("recipe", ["gaussian", "semi-supervised with SGD"])
 def test_engine_bf16_steps_match_autocast(tmp_path, recipe):
     """Three full steps of the paper's schedule (the semi-supervised one: two codes, a classification phase
-    with
-    SGD + momentum): with master weights (compiled loop, and torch fallback) against plain autocast from the
-    same
-    seed. The fallback is bit-identical; the loop differs in last bits."""
+    with SGD + momentum): with master weights (compiled loop, and torch fallback) against plain autocast from
+    the same seed. The fallback is bit-identical; the loop differs in last bits."""
     runs = {}
     for name, extra in (("autocast", ["run.bf16_master_weights=false"]), ("loop", []), ("fallback", [])):
         if recipe == "gaussian":
@@ -223,8 +217,7 @@ class ConvertedShapes(TorchDispatchMode):
 
 def test_an_engine_step_casts_no_weight(tmp_path):
     """Under plain autocast every linear weight is cast in every step; with master weights none is (the data
-    and
-    the outputs still are)."""
+    and the outputs still are)."""
     converted = {}
     for name, extra in (("autocast", ["run.bf16_master_weights=false"]), ("masters", [])):
         trainer = gaussian_trainer(tmp_path / name, "run.mixed_precision=bf16", *extra)
@@ -308,8 +301,7 @@ def test_without_a_compiler_bf16_trains_through_torch(tmp_path):
 @linux_only
 def test_two_ranks_in_bf16_stay_identical(tmp_path):
     """Under accelerate launch (two CPU ranks, gloo) DDP averages the bf16 gradients; each rank updates its
-    own
-    masters with the compiled loop, and both end with the same weights."""
+    own masters with the compiled loop, and both end with the same weights."""
     recipe = two_code_recipe(
         tmp_path / "r.toml",
         data={"limit": 400, "labelled": 60},
@@ -359,8 +351,7 @@ RANK_MEANS = textwrap.dedent("""
 
 def test_ranks_average_bf16_gradients_in_fp32(tmp_path):
     """With four gloo ranks under DDP, the hook the engine installs for bf16 weights gives each averaged
-    gradient
-    as the exact mean rounded once to bf16; DDP's default (dividing and summing in bf16) does not."""
+    gradient as the exact mean rounded once to bf16; DDP's default (dividing and summing in bf16) does not."""
     script = tmp_path / "rank_means.py"
     script.write_text(RANK_MEANS)
     result = subprocess.run(
@@ -398,8 +389,7 @@ def test_a_broken_cached_build_is_rebuilt_and_an_unwritable_cache_falls_back(tmp
     assert status(tmp_path / "cache") == "True None"
     assert built.stat().st_size > 64
     # builds of an earlier source for this machine kind, and those named as earlier versions named them, go
-    # when
-    # a new build is made; another machine kind's build in a shared cache stays
+    # when a new build is made; another machine kind's build in a shared cache stays
     kernels = tmp_path / "cache" / "kernels"
     _, machine, source = built.stem.split("-")
     stale = [

@@ -64,8 +64,7 @@ def test_blocks_do_not_change_the_result():
 
 def test_gaussian_closed_form():
     """Samples of N(mu, s^2 I): the Parzen density is on average N(mu, (s^2 + sigma^2) I), and with sigma
-    chosen
-    on validation data it approaches the true log-likelihood of the data."""
+    chosen on validation data it approaches the true log-likelihood of the data."""
     g = torch.Generator().manual_seed(1)
     dim, s, mu = 2, 1.5, torch.tensor([1.0, -2.0], dtype=torch.float64)
     draw = lambda n: mu + s * torch.randn(n, dim, generator=g, dtype=torch.float64)  # noqa: E731
@@ -109,8 +108,7 @@ def test_sigma_is_the_best_of_the_grid_on_validation():
 
 def test_sigma_is_refined_between_the_grid_neighbours_of_the_best():
     """After the grid, sigma is the best (by the naive computation) of a fine grid between the neighbours of
-    the
-    grid's best value, so it scores at least as well on validation; the test figure is scored with it."""
+    the grid's best value, so it scores at least as well on validation; the test figure is scored with it."""
     samples, validation, test = skewed_data()
     grid = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
     coarse = parzen_estimate(samples, validation, test, sigmas=grid, batch_size=16, refine=False)

@@ -114,9 +114,8 @@ print(log.read_text().split())
 
 def test_loading_is_lazy_and_once(tmp_path):
     """Importing aaekit (CLI, API, engine) loads no plugin; the first get_registry() loads each once (the
-    module
-    imported once, its hook called once), and later calls return the same registry. In a fresh interpreter,
-    with a one-off plugin file that logs when it is imported and when its hook runs."""
+    module imported once, its hook called once), and later calls return the same registry. In a fresh
+    interpreter, with a one-off plugin file that logs when it is imported and when its hook runs."""
     (tmp_path / "counting.py").write_text(COUNTING_PLUGIN)
     out = subprocess.run(
         [sys.executable, "-c", LAZY_AND_ONCE, str(tmp_path)],

@@ -145,9 +145,8 @@ def test_smoothed_categorical_stays_on_the_simplex_near_its_label():
     assert torch.allclose(y.sum(1), torch.ones(N), atol=1e-5) and (y >= 0).all()
     assert torch.equal(y.argmax(1), labels)
     top = y.max(1).values
-    assert (
-        top.min() >= 0.8 - 1e-6 and top.max() < 1
-    )  # never exactly one-hot, never further than the weight allows
+    # never exactly one-hot, never further than the weight allows
+    assert top.min() >= 0.8 - 1e-6 and top.max() < 1
     # E[top] = 1 - E[w] + E[w] E[d_label] = 1 - 0.1 + 0.1 * 0.1
     assert abs(top.mean().item() - 0.91) < 0.005
     off = y[torch.arange(N), (labels + 1) % 10]

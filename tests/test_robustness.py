@@ -384,8 +384,7 @@ def test_a_loss_that_explodes_without_reaching_inf_is_warned_about_at_the_end(tm
     warnings = [
         line for line in out.stdout.splitlines() if line.startswith("warning: loss/reconstruction reached")
     ]
-    assert len(warnings) == 2 and "diverging" in warnings[0], (
-        out.stdout
-    )  # when it happens, and again at the end
+    # when it happens, and again at the end
+    assert len(warnings) == 2 and "diverging" in warnings[0], out.stdout
     assert out.stdout.rstrip().splitlines()[-1].startswith("run written to")
     assert out.stdout.rindex(warnings[1]) > out.stdout.index("step 6/6")

@@ -129,8 +129,7 @@ print(min(windows))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting")
 def test_a_cpu_trainer_keeps_freed_blocks_in_the_process(tmp_path):
     """Training steps reuse freed blocks instead of faulting in fresh pages. In a fresh process, as `aaekit
-    run`
-    is; with glibc's default thresholds this bf16 step faults ~240 pages (4 KiB) a step, ~960 with 1000
+    run` is; with glibc's default thresholds this bf16 step faults ~240 pages (4 KiB) a step, ~960 with 1000
     units."""
     try:
         _ = ctypes.CDLL("libc.so.6").mallopt

@@ -126,9 +126,8 @@ def test_short_run_classifies_well_above_chance(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("validation/error.y" in record for record in lines)  # logged per epoch on the held-out split
-    result = aaekit(
-        "eval", str(run), "--test-limit", "1000", "--device", "cpu"
-    )  # the metric follows the recipe
+    # the metric follows the recipe
+    result = aaekit("eval", str(run), "--test-limit", "1000", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert (
         json.loads(result.stdout)["metric"] == "classification" and "metric: classification" in result.stderr
@@ -175,9 +174,8 @@ def test_supervised_run_writes_the_style_grid(tmp_path):
 
 
 def test_discriminator_input_noise_blurs_prior_samples_and_codes_alike(tmp_path):
-    """codes.<c>.discriminator.input_noise: the discriminator sees prior one-hots and codes with noise of
-    that std
-    in both of its steps; without it, the prior's rows are exact one-hots."""
+    """codes.<c>.discriminator.input_noise: the discriminator sees prior one-hots and codes with noise of that
+    std in both of its steps; without it, the prior's rows are exact one-hots."""
 
     def seen_by_y_discriminator(*overrides):
         trainer = trainer_for("recipes/semisupervised_100.toml", tmp_path, *overrides)

@@ -111,24 +111,22 @@ def test_batch_normalised_encoder_saves_its_statistics_and_evaluates_per_example
     weights = load_file(str(run_dir / "model.safetensors"))
     means = [k for k in weights if k.startswith("encoder.trunk.") and k.endswith("running_mean")]
     assert len(means) == 2  # one per hidden layer
-    assert all(
-        weights[k].abs().sum() > 0 for k in means
-    )  # updated by training, not the zeros they start from
+    # updated by training, not the zeros they start from
+    assert all(weights[k].abs().sum() > 0 for k in means)
 
     run = api.load(run_dir)
     x = torch.rand(5, 784)
     with torch.no_grad():
         together = run.model.encoder(x)["z"]
-        alone = run.model.encoder(x[:1])[
-            "z"
-        ]  # running statistics, not the batch's: an example's code is its own
+        # running statistics, not the batch's: an example's code is its own
+        alone = run.model.encoder(x[:1])["z"]
     torch.testing.assert_close(alone[0], together[0])
 
 
 def test_gaussian_posterior_trains_on_sampled_codes(tmp_path):
     """posterior_gaussian.toml: the engine's phases decode z ~ N(mu(x), sigma(x)^2), not mu(x) (§2); the
-    samples
-    come from the run's noise stream. Observed on the decoder's input in a real reconstruction phase."""
+    samples come from the run's noise stream. Observed on the decoder's input in a real reconstruction
+    phase."""
     import torch
 
     trainer = prepared_trainer(

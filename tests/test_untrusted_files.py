@@ -1,8 +1,6 @@
 """Nothing aaekit loads is a pickle, and recipes are data, never executed (README): a weights file, a
-checkpoint,
-a recipe or an override crafted to run code when unpickled or evaluated is refused with a readable error, and
-its
-code never runs (it would create a marker file)."""
+checkpoint, a recipe or an override crafted to run code when unpickled or evaluated is refused with a readable
+error, and its code never runs (it would create a marker file)."""
 
 from __future__ import annotations
 
@@ -69,10 +67,9 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_not_run(finished, tmp_p
 
 
 def test_a_checkpoint_of_pickles_is_skipped_and_not_run(finished, tmp_path):
-    """Every tensor file of the newest checkpoint replaced by a pickle, and state.json rewritten to name
-    their new
-    sizes (so that they pass the size check): resuming reports it and goes on from the checkpoint before; eval
-    refuses it."""
+    """Every tensor file of the newest checkpoint replaced by a pickle, and state.json rewritten to name their
+    new sizes (so that they pass the size check): resuming reports it and goes on from the checkpoint before;
+    eval refuses it."""
     run_dir, args = tmp_path / "run", list(finished[1])
     shutil.copytree(finished[0], run_dir)
     args[args.index("--output-dir") + 1] = str(run_dir)

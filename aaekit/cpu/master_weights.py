@@ -2,29 +2,21 @@
 
 Under autocast every linear layer casts its fp32 weight to bf16 in every forward pass, and its bf16 weight
 gradient back to fp32 in the backward pass. On the paper's MNIST setting that is about 3 ms of an 18 ms bf16
-step
-on a 2-core CPU, nearly as much as Adam itself (README, benchmarks). Here the layers that autocast runs in
-bf16
-hold bf16 weights (autocast leaves those alone), the fp32 weights live beside them as masters, and one
-compiled
-loop per optimizer step reads the bf16 gradients, updates the fp32 masters with Adam (or SGD) and writes the
-bf16
-weights, in one pass over memory. The arithmetic is autocast's: the same bf16 rounding of the same fp32
-weights,
-the same bf16 products, the same fp32 optimizer.
+step on a 2-core CPU, nearly as much as Adam itself (README, benchmarks). Here the layers that autocast runs
+in bf16 hold bf16 weights (autocast leaves those alone), the fp32 weights live beside them as masters, and one
+compiled loop per optimizer step reads the bf16 gradients, updates the fp32 masters with Adam (or SGD) and
+writes the bf16 weights, in one pass over memory. The arithmetic is autocast's: the same bf16 rounding of the
+same fp32 weights, the same bf16 products, the same fp32 optimizer.
 
 The model's ``state_dict`` returns the fp32 masters and ``load_state_dict`` fills them, so checkpoints and
 ``model.safetensors`` hold fp32 weights as in every other mode (a run may resume in either mode). The
-optimizers'
-state has the layout of torch's Adam and SGD (``step``, ``exp_avg``, ``exp_avg_sq``; ``momentum_buffer``), in
-fp32.
+optimizers' state has the layout of torch's Adam and SGD (``step``, ``exp_avg``, ``exp_avg_sq``;
+``momentum_buffer``), in fp32.
 
 The loops are C, compiled once per machine with the system's C compiler into aaekit's cache and loaded with
-ctypes
-(no Python object is deserialised). They run on torch's OpenMP threads. Without a compiler, or without torch's
-OpenMP runtime, the same update runs as torch operations (fused Adam or foreach SGD on the masters, then a
-cast):
-the same numbers (Adam's to the last bit or so, SGD's exactly), slower.
+ctypes (no Python object is deserialised). They run on torch's OpenMP threads. Without a compiler, or without
+torch's OpenMP runtime, the same update runs as torch operations (fused Adam or foreach SGD on the masters,
+then a cast): the same numbers (Adam's to the last bit or so, SGD's exactly), slower.
 
 Under DDP the ranks' bf16 gradients are averaged by ``mean_gradients_in_fp32``, a communication hook that sums
 them in fp32 and rounds the mean once.
@@ -53,8 +45,7 @@ from aaekit.contracts import cache_dir
 from aaekit.cpu.runtime import openmp_runtimes
 
 # Modules whose operators autocast runs in bf16 on a CPU (casting fp32 inputs and leaving bf16 weights alone;
-# not
-# nn.Bilinear, for example, which then fails on mixed dtypes). tests/test_master_weights.py runs each.
+# not nn.Bilinear, for example, which then fails on mixed dtypes). tests/test_master_weights.py runs each.
 LOW_PRECISION_MODULES = (
     nn.Linear,
     nn.Conv1d,
@@ -66,12 +57,11 @@ LOW_PRECISION_MODULES = (
 )
 
 # Adam on fp32 masters from bf16 gradients, writing the bf16 weights. Bias corrections in double as torch
-# does;
-# bf16 rounding to nearest even, NaN kept NaN (torch's conversion). The inner loop has no aliasing and no
-# branches, so the compiler vectorises it; it multiplies by 1/sqrt(bias correction 2) where torch divides (one
-# vector division less per element: 3.4 -> 2.6 ms for the paper's 6.4 M updates a step on a 2-core Xeon, where
-# torch's fused Adam on fp32 weights takes 3.2 ms; the results differ from torch's in the last bit now and
-# then).
+# does; bf16 rounding to nearest even, NaN kept NaN (torch's conversion). The inner loop has no aliasing and
+# no branches, so the compiler vectorises it; it multiplies by 1/sqrt(bias correction 2) where torch divides
+# (one vector division less per element: 3.4 -> 2.6 ms for the paper's 6.4 M updates a step on a 2-core Xeon,
+# where torch's fused Adam on fp32 weights takes 3.2 ms; the results differ from torch's in the last bit now
+# and then).
 KERNEL_SOURCE = (Path(__file__).parent / "master_weights.c").read_text(encoding="utf-8")  # package data
 
 
@@ -89,8 +79,7 @@ def _cpu_signature() -> str:
 
 def _build(target: Path, compiler: str, flags: list[str], gomp: Path) -> str | None:
     """Compile the loop to ``target``; returns the reason where that fails. Concurrent builders (several
-    ranks)
-    each compile in a private folder and rename into place."""
+    ranks) each compile in a private folder and rename into place."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -125,10 +114,9 @@ def remove_stale_builds(kernels: Path, machine: str, keep: Path) -> None:
 @functools.cache
 def compiled_kernel():
     """The compiled loops (a library with ``adam_bf16_master`` and ``sgd_bf16_master``) and None, or None and
-    the
-    reason there is none (not Linux, no torch OpenMP runtime, no compiler, compiling failed). Built once per
-    machine
-    kind and source into the cache; a cached build that does not load (e.g. truncated) is rebuilt once."""
+    the reason there is none (not Linux, no torch OpenMP runtime, no compiler, compiling failed). Built once
+    per machine kind and source into the cache; a cached build that does not load (e.g. truncated) is rebuilt
+    once."""
     if not sys.platform.startswith("linux"):
         return None, "the compiled update is built on Linux only"
     # The loop links against the OpenMP runtime torch has loaded, so it shares torch's threads (no second
@@ -243,21 +231,16 @@ class MasterWeights:
             for name, master in self.by_name.items():
                 value = state_dict.get(prefix + name)
                 if isinstance(value, torch.Tensor) and value.shape == master.shape:
-                    master.copy_(
-                        value
-                    )  # the bf16 weight is then filled from the same value by load_state_dict
+                    # the bf16 weight is then filled from the same value by load_state_dict
+                    master.copy_(value)
 
 
 class MasterOptimizer(torch.optim.Optimizer):
     """An optimizer over a model's parameters where some are bf16 weights with fp32 masters
-    (``MasterWeights``):
-    those are updated through their masters, the rest as plain fp32 parameters. Several optimizers may share
-    one
-    ``MasterWeights`` (the encoder is updated by three phases). Its state has the layout of the torch
-    optimizer it
-    stands for, in fp32. Subclasses give the update as torch operations (``torch_update``); ``fast_update``
-    may take
-    the bf16 weights in one pass instead."""
+    (``MasterWeights``): those are updated through their masters, the rest as plain fp32 parameters. Several
+    optimizers may share one ``MasterWeights`` (the encoder is updated by three phases). Its state has the
+    layout of the torch optimizer it stands for, in fp32. Subclasses give the update as torch operations
+    (``torch_update``); ``fast_update`` may take the bf16 weights in one pass instead."""
 
     def __init__(self, params, masters: MasterWeights, defaults: dict, kernel_name: str):
         super().__init__(params, defaults)
@@ -316,8 +299,7 @@ class MasterOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts loaded state to each parameter's dtype, which would round the fp32 state of bf16
-        weights to
-        bf16; it is put back in fp32 from the saved values."""
+        weights to bf16; it is put back in fp32 from the saved values."""
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -330,8 +312,7 @@ class MasterOptimizer(torch.optim.Optimizer):
 
 class MasterAdam(MasterOptimizer):
     """Adam (AdamW with ``decoupled=True``): bf16 weights through the compiled loop where it is built, else
-    (and
-    fp32 parameters always) torch's fused Adam."""
+    (and fp32 parameters always) torch's fused Adam."""
 
     def __init__(
         self,
@@ -423,9 +404,8 @@ class MasterAdam(MasterOptimizer):
 
 class MasterSGD(MasterOptimizer):
     """SGD with momentum (the semi-supervised recipes' classification phase): bf16 weights through the
-    compiled
-    loop where it is built, else (and fp32 parameters always) torch's foreach SGD; the same numbers either
-    way."""
+    compiled loop where it is built, else (and fp32 parameters always) torch's foreach SGD; the same numbers
+    either way."""
 
     def __init__(
         self,
@@ -456,9 +436,8 @@ class MasterSGD(MasterOptimizer):
 
         def build():
             masters = [self.masters.master_of[p] for p in low]
-            buffers = (
-                [s["momentum_buffer"] for s in states] if group["momentum"] else masters
-            )  # unused without
+            # unused without
+            buffers = [s["momentum_buffer"] for s in states] if group["momentum"] else masters
             return (
                 _pointer_array(masters),
                 _pointer_array(buffers),
@@ -507,10 +486,9 @@ class MasterSGD(MasterOptimizer):
 def mean_gradients_in_fp32(process_group, bucket):
     """DDP communication hook for bf16 weights: the ranks' bf16 gradients are summed in fp32 (exact for bf16
     values of any ordinary spread), divided once and rounded to bf16 once. DDP's own hook divides and sums in
-    the
-    gradients' dtype, which with three or more ranks rounds every partial sum: measured with four gloo ranks,
-    31 % of a layer's averaged gradients off by at least one bf16 step. fp32 buckets are averaged as DDP
-    does."""
+    the gradients' dtype, which with three or more ranks rounds every partial sum: measured with four gloo
+    ranks, 31 % of a layer's averaged gradients off by at least one bf16 step. fp32 buckets are averaged as
+    DDP does."""
     import torch.distributed as dist
 
     group = process_group if process_group is not None else dist.group.WORLD

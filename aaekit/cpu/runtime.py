@@ -60,15 +60,12 @@ def set_flush_denormals(on: bool) -> int:
     torch.
 
     Adam's running averages of units whose gradients have gone to zero decay geometrically through the
-    denormal
-    range, and a CPU handles denormals by a slow path: on the paper's MNIST setting about 1 % of Adam's state
-    was
-    denormal after 240 steps and the fp32 step had slowed from 26 to 29-38 ms (23-25 ms with flushing). The
-    flag
-    lives in each thread's floating-point control register and torch.set_flush_denormal sets only the calling
-    thread, so it is also set inside one parallel region of torch's OpenMP pool, whose worker threads exist
-    as soon
-    as any parallel operator has run. Returns how many threads now have it (0: this CPU has no such mode)."""
+    denormal range, and a CPU handles denormals by a slow path: on the paper's MNIST setting about 1 % of
+    Adam's state was denormal after 240 steps and the fp32 step had slowed from 26 to 29-38 ms (23-25 ms with
+    flushing). The flag lives in each thread's floating-point control register and torch.set_flush_denormal
+    sets only the calling thread, so it is also set inside one parallel region of torch's OpenMP pool, whose
+    worker threads exist as soon as any parallel operator has run. Returns how many threads now have it (0:
+    this CPU has no such mode)."""
     import torch
 
     if not torch.set_flush_denormal(on):

@@ -5,9 +5,8 @@ Every variant maps clusters to labels from the *training* split and counts error
 
 - ``paper``: cluster i gets the label of the training image with the highest q(y=i|x);
 - ``majority``: cluster i gets the most frequent label among the training images assigned to it;
-- ``hungarian``: a one-to-one matching of clusters to labels that maximises the training images it gets
-  right (the assignment problem, solved by scipy's ``linear_sum_assignment``). With more clusters than
-  classes the
+- ``hungarian``: a one-to-one matching of clusters to labels that maximises the training images it gets right
+  (the assignment problem, solved by scipy's ``linear_sum_assignment``). With more clusters than classes the
   unmatched clusters name no label, so their images count as errors: the strictest of the three.
 
 A cluster that names no label (-1) makes every image assigned to it an error.

@@ -73,9 +73,8 @@ def parzen_estimate(
     refine: bool = True,
 ) -> dict:
     """Choose sigma on ``validation`` (highest mean log-likelihood), then score ``test`` with it. With
-    ``refine``
-    and the grid's best value inside the grid, sigma is then the best of a fine log-spaced grid between that
-    value's two neighbours (the grid's best included)."""
+    ``refine`` and the grid's best value inside the grid, sigma is then the best of a fine log-spaced grid
+    between that value's two neighbours (the grid's best included)."""
     sigmas = [float(s) for s in sigmas]
     if not sigmas:
         raise ValueError("the sigma grid is empty")

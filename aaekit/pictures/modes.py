@@ -1,7 +1,7 @@
 """Pictures of the label-aware modes, written by ``write_pictures`` where they apply:
 
 - ``style.png`` (§4, the paper's Figure 7): decoder takes the label; rows share one z, columns are the
-classes;
+  classes;
 - ``clusters.png`` (§6, Figure 9): one row per cluster of a categorical code, test images assigned to it;
 - ``latent.png`` for a head that builds a 2-D decoder input (§7, Figure 10): the test set's W_c·y + z
   coloured by label, with the points the head names as ``landmarks()`` (the cluster heads) marked.

@@ -1,10 +1,7 @@
 """MNIST from local idx .gz files (or the Hugging Face hub), converted once to an Arrow file in the cache and
-held
-by the engine as one uint8 tensor. The Arrow cache files of every built-in dataset are written and read here,
-with
-pyarrow alone: MNIST's local files never need ``datasets``, which only its hub path imports (the ``hf``
-dataset
-reads every source through ``datasets``, then caches its result with these functions)."""
+held by the engine as one uint8 tensor. The Arrow cache files of every built-in dataset are written and read
+here, with pyarrow alone: MNIST's local files never need ``datasets``, which only its hub path imports (the
+``hf`` dataset reads every source through ``datasets``, then caches its result with these functions)."""
 
 from __future__ import annotations
 

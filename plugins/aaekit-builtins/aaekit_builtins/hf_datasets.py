@@ -1,16 +1,13 @@
 """Any table or image collection as an aaekit dataset: a hub id, a ``save_to_disk`` folder, a Parquet,
-CSV/TSV,
-JSON-lines or Arrow file, a folder of them, or an image folder (one sub-folder per class).
+CSV/TSV, JSON-lines or Arrow file, a folder of them, or an image folder (one sub-folder per class).
 
 ``datasets`` reads the source: format, splits (``train``/``test`` in file or folder names), parsing, image and
 class-label columns, and its fingerprinted, memory-mapped Arrow cache (under ``$AAEKIT_CACHE_DIR/datasets``;
-hub
-ids: its own cache). Here each split is read in chunks, checked (columns, types, shapes, NaN, cells that are
-not
-numbers, empty splits), scaled with statistics of the train split only, and written once to
+hub ids: its own cache). Here each split is read in chunks, checked (columns, types, shapes, NaN, cells that
+are not numbers, empty splits), scaled with statistics of the train split only, and written once to
 ``$AAEKIT_CACHE_DIR/tables/<key>/<split>.arrow``: one record batch ``x`` (float32, or uint8 pixels), ``y``
-(int64,
--1: unlabelled) that maps into one tensor. The key: every parameter and datasets' fingerprint of every part.
+(int64, -1: unlabelled) that maps into one tensor. The key: every parameter and datasets' fingerprint of every
+part.
 """
 
 from __future__ import annotations
@@ -327,8 +324,7 @@ def class_label(parts: list, label: str):
 
 def stage_split(parts: list, params: dict, stage: Path, classes, chosen: dict | None = None) -> dict:
     """Read, check and append one split to raw files ``stage.x``/``stage.y``, mapped back into ``x``/``y`` of
-    the
-    description returned. ``chosen``: the train split's description, whose columns the test split uses."""
+    the description returned. ``chosen``: the train split's description, whose columns the test split uses."""
     import pyarrow as pa
 
     info = {
@@ -343,9 +339,8 @@ def stage_split(parts: list, params: dict, stage: Path, classes, chosen: dict | 
         for where, ds in (p for p in parts if p[1] is not None):
             first_row = 0
             for table in ds.with_format("arrow").iter(batch_size=CHUNK_ROWS):
-                names = (
-                    table.column_names
-                )  # a JSON-typed column (datasets' for mixed JSON values) as its text:
+                # a JSON-typed column (datasets' for mixed JSON values) as its text:
+                names = table.column_names
                 table = pa.table(
                     {
                         c: pa.chunked_array([a.storage for a in col.chunks])
@@ -575,9 +570,8 @@ def write_split(path: Path, x: np.ndarray, y: np.ndarray, rows, stats: dict | No
     for chunk in chunks(x, rows):
         if stats is not None and stats["kind"] == "affine":
             chunk = (chunk.astype(np.float64) - stats["shift"]) / stats["scale"]
-            chunk = (
-                np.clip(chunk, 0.0, 1.0) if stats["clip"] else chunk
-            )  # test rows outside the train range: [0, 1]
+            # test rows outside the train range: [0, 1]
+            chunk = np.clip(chunk, 0.0, 1.0) if stats["clip"] else chunk
         out[at : at + len(chunk)] = chunk
         at += len(chunk)
     out.flush()
