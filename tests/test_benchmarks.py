@@ -133,3 +133,21 @@ def test_reproduce_seeds_reports_the_mean_and_every_seed(tmp_path):
         assert saved["run"]["seed"] == s["seed"]
     assert len({s["run_dir"] for s in row["seeds"]}) == 2
     assert "mean of 2 seeds" in (tmp_path / "reproduce.md").read_text()
+
+
+def test_step_ab_times_both_trees_and_refuses_a_tree_without_aaekit(tmp_path, capsys):
+    from conftest import two_code_recipe
+
+    recipe = two_code_recipe(
+        tmp_path / "r.toml", data={"limit": 200, "labelled": 40}, train={"batch_size": 20}
+    )
+    bench = script("step_ab")
+    assert bench.main([str(ROOT), str(ROOT), "--recipe", str(recipe), "--steps", "3", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[: out.index("\n}\n") + 2])
+    assert len(report["rounds"]) == 2 and set(report["rounds"][0]) == {"before", "after"}
+    assert all(r[t]["median_ms"] > 0 for r in report["rounds"] for t in ("before", "after"))
+    assert report["after_over_before"] > 0 and "after/before" in out
+    # a folder that holds no aaekit would measure the installed one: refused, not timed
+    with pytest.raises(SystemExit, match="imported aaekit from"):
+        bench.main([str(tmp_path), str(ROOT), "--recipe", str(recipe), "--steps", "3", "--rounds", "1"])
