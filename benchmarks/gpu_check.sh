@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the CUDA-graph step (run.cuda_graphs) in one call on one H100/H200, so that
-# a lent GPU is used at once; each part has its own time limit, about 9.5 minutes in all (6 expected):
+# a lent GPU is used at once; each part has its own time limit, 8 minutes in all (6 expected):
 #   1. tests/test_gpu.py: fp16's scaler; replayed steps against eager ones in fp32, bf16 and fp16; a replayed
 #      run killed and resumed;
 #   2. benchmarks/throughput.py at batch 100 and 1000: eager and replayed steps in every precision, each as a
@@ -10,7 +10,7 @@
 # Before the call, here (copies MNIST into .gpu/, which git ignores; the ../shared beside a checkout does not
 # travel):
 #   bash benchmarks/gpu_check.sh --prepare
-# Then through the device tool: command "bash benchmarks/gpu_check.sh", carry [".gpu"], timeout_s 590.
+# Then through the device tool: command "bash benchmarks/gpu_check.sh", carry [".gpu"], timeout_s 540.
 # Everything lands in $OUT (at most 8 files). GPU_CHECK_QUICK=1 shrinks every part (a smoke test on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,11 +48,11 @@ log "machine"
 "cuda", torch.cuda.is_available())'; } | tee -a "$OUT/check.log"
 
 log "1. tests/test_gpu.py"
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -40 | tee -a "$OUT/check.log"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -40 | tee -a "$OUT/check.log"
 
 log "2. throughput, batch 100 and 1000"
 for batch in 100 1000; do
-    timeout 110 $PY benchmarks/throughput.py ${QUICK:+--quick} --batch $batch --no-cli --no-epochs --no-long \
+    timeout 100 $PY benchmarks/throughput.py ${QUICK:+--quick} --batch $batch --no-cli --no-epochs --no-long \
         --output "$OUT/throughput-b$batch.json" 2>&1 | tail -25 | tee -a "$OUT/check.log"
 done
 
@@ -60,7 +60,7 @@ log "3. recipes/gaussian.toml, replayed, fp32 / bf16 / fp16: the loss curves"
 epochs=${QUICK:+train.max_steps=40}
 RUNS=$(mktemp -d /tmp/aaekit-gpu-runs.XXXX)
 for precision in no bf16 fp16; do
-    timeout 50 $PY -m aaekit run recipes/gaussian.toml run.mixed_precision=$precision run.cuda_graphs=auto \
+    timeout 45 $PY -m aaekit run recipes/gaussian.toml run.mixed_precision=$precision run.cuda_graphs=auto \
         train.pictures=false ${epochs:-train.epochs=3} ${QUICK:+data.limit=2000 train.log_every=10} \
         --output-dir "$RUNS/$precision" 2>&1 | grep -E "cuda graphs|error|Traceback" |
         tee -a "$OUT/check.log"
