@@ -533,6 +533,13 @@ class Trainer:
             m.load_state_dict(checkpoint.model)
         probe = self.train_data.inputs(torch.arange(min(4, len(self.train_data))).to(self.device))
         check_component_outputs(m, probe, self.model_record["components"], acc.autocast)
+        if self.device.type == "cuda" and acc.num_processes > 1:
+            # batch statistics over the whole global batch, as on one GPU; the layers keep their parameters
+            # and buffers, so the optimizers built above still hold the right tensors
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
+            synced = sum(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())
+            if synced:
+                acc.print(f"batch norm: {synced} layer(s) synchronised across the ranks (SyncBatchNorm)")
         codes, heads, opt_names = list(m.discriminators), list(self.trainable_heads), list(self.optimizers)
         modules = [m.encoder, m.decoder, *(m.discriminators[c] for c in codes), *(m.heads[k] for k in heads)]
         prepared = acc.prepare(*modules, *(self.optimizers[o] for o in opt_names))

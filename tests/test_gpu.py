@@ -104,3 +104,34 @@ def test_a_replayed_run_killed_and_resumed_ends_as_one_run_straight_through(tmp_
     for name, value in a.items():
         if value.is_floating_point():
             assert torch.allclose(value, b[name], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_train_a_batch_normalised_encoder_with_synchronised_statistics(tmp_path):
+    """Under DDP on GPUs the batch-norm layers become SyncBatchNorm (statistics over the global batch); the
+    run trains and both ranks end with the same running statistics."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = two_code_recipe(
+        tmp_path / "r.toml",
+        data={"limit": 400},
+        encoder={"name": "deterministic", "hidden": [16], "batch_norm": True},
+        train={"batch_size": 20, "max_steps": 8, "log_every": 4},
+    )
+    run_dir = tmp_path / "run"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "-m", "aaekit"]
+    out = subprocess.run(
+        [*cmd, "run", str(recipe), "--output-dir", str(run_dir)],
+        env={**os.environ, "AAEKIT_DUMP_RANKS": str(tmp_path / "dump")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "batch norm: 1 layer(s) synchronised across the ranks" in out.stdout, out.stdout
+    rank0, rank1 = (load_file(str(tmp_path / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
+    stats = [k for k in rank0 if "running_mean" in k]
+    assert stats and all(torch.equal(rank0[k], rank1[k]) for k in stats)
