@@ -141,7 +141,7 @@ class Dataset(Component):
     value_range: tuple[float, float] = (0.0, 1.0)
 
     def __init__(self, **params):
-        pass
+        set_declared(self, params)
 
     @classmethod
     def classes(cls, params: dict) -> int | None:

@@ -112,9 +112,6 @@ class MNIST(Dataset):
         "limit": Param(int, 0, min=0, help="use only the first N training images (0: all)"),
     }
 
-    def __init__(self, path: str = "", source: str = "auto", hub_id: str = "ylecun/mnist", limit: int = 0):
-        self.path, self.source, self.hub_id, self.limit = path, source, hub_id, limit
-
     def load(self, split: str) -> ArrayData:
         data = self._load_full(split)
         if split == "train" and self.limit:

@@ -16,13 +16,10 @@ class ToyDataset(Dataset):
     input_shape = (2,)
     value_range = (-math.inf, math.inf)
 
-    def __init__(self, train_size: int = 5000, test_size: int = 1000, seed: int = 0, **params):
-        self.sizes = {"train": train_size, "test": test_size}
-        self.seed = seed
-
     def load(self, split: str) -> ArrayData:
         generator = torch.Generator().manual_seed(self.seed * 2 + SPLIT_OFFSET[split])
-        labels = torch.randint(self.num_classes, (self.sizes[split],), generator=generator)
+        size = self.train_size if split == "train" else self.test_size
+        labels = torch.randint(self.num_classes, (size,), generator=generator)
         return ArrayData(self.points(labels, generator), labels)
 
     def points(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -47,13 +44,13 @@ class Mixture(ToyDataset):
         "std": Param(float, 0.5, min=0, help="standard deviation of each blob"),
     }
 
-    def __init__(self, components: int = 8, radius: float = 4.0, std: float = 0.5, **common):
-        super().__init__(**common)
-        self.num_classes, self.radius, self.std = components, radius, std
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.num_classes = self.components
 
     @classmethod
     def classes(cls, params: dict) -> int | None:
-        return params.get("components", 8)
+        return params.get("components", cls.params["components"].default)
 
     def points(self, labels, generator):
         angle = 2 * math.pi * labels.float() / self.num_classes
@@ -71,13 +68,13 @@ class Rings(ToyDataset):
         "noise": Param(float, 0.1, min=0, help="std of the radial noise"),
     }
 
-    def __init__(self, rings: int = 3, noise: float = 0.1, **common):
-        super().__init__(**common)
-        self.num_classes, self.noise = rings, noise
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.num_classes = self.rings
 
     @classmethod
     def classes(cls, params: dict) -> int | None:
-        return params.get("rings", 3)
+        return params.get("rings", cls.params["rings"].default)
 
     def points(self, labels, generator):
         angle = 2 * math.pi * torch.rand(len(labels), generator=generator)
