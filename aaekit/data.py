@@ -3,9 +3,12 @@ batch order, whose state is part of every checkpoint."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from aaekit.contracts import ArrayData
+from aaekit.errors import UserError
 
 
 class ShuffledBatches:
@@ -152,3 +155,53 @@ def labelled_count(setting, n: int) -> int:
     if isinstance(setting, float):
         return int(round(setting * n))
     return min(int(setting), n)
+
+
+@dataclass
+class TrainingSplits:
+    """What a run trains on: the training and validation splits where they are held, and the labelled rows."""
+
+    train: DeviceData | StreamingData
+    validation: DeviceData | StreamingData | None
+    labelled_index: torch.Tensor  # rows of ``train`` whose label the classification phase may use
+    labelled_mask: torch.Tensor  # on the device: whether each row of ``train`` is labelled
+    steps_per_epoch: int
+
+
+def training_splits(
+    full_train: ArrayData,
+    data: dict,
+    batch_size: int,
+    num_classes: int | None,
+    seed: int,
+    device: torch.device,
+    recipe_path,
+    log=print,
+) -> TrainingSplits:
+    """The validation split (``data.validation`` images) and the labelled subset (``data.labelled``, balanced
+    over the classes) drawn from the run seed; the rest held for training (``data.in_memory``)."""
+    if data["validation"] >= len(full_train):
+        raise UserError(
+            f"{recipe_path}: data.validation: {data['validation']} held out of a training "
+            f"split of {len(full_train)} leaves nothing to train on; lower it"
+        )
+    train, validation = split_off(full_train, data["validation"], seed + 1)
+    held = hold(train, device, data["in_memory"], log)
+    held_validation = (
+        hold(validation, device, data["in_memory"], log, "validation split") if len(validation) else None
+    )
+    n_train = len(held)
+    if n_train < batch_size:
+        raise UserError(
+            f"{recipe_path}: train.batch_size: {batch_size} is larger than the training set ({n_train})"
+        )
+    n_labelled = labelled_count(data["labelled"], n_train) if num_classes else 0
+    if n_labelled >= n_train:
+        labelled_index = torch.arange(n_train)
+    elif n_labelled > 0:
+        labelled_index = balanced_subset(train.y, n_labelled, num_classes, seed + 2)
+    else:
+        labelled_index = torch.arange(0)
+    mask = torch.zeros(n_train, dtype=torch.bool)
+    mask[labelled_index] = True
+    return TrainingSplits(held, held_validation, labelled_index, mask.to(device), n_train // batch_size)

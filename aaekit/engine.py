@@ -28,7 +28,7 @@ from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 from aaekit import checkpoint as ckpt
 from aaekit.cpu import keep_freed_memory, set_flush_denormals
 from aaekit.cpu.master_weights import MasterWeights, compiled_kernel, mean_gradients_in_fp32
-from aaekit.data import DeviceData, ShuffledBatches, balanced_subset, hold, labelled_count, split_off
+from aaekit.data import DeviceData, ShuffledBatches, training_splits
 from aaekit.errors import TrainingStopped, UserError
 from aaekit.graphs import GraphedStep, graphs_problem, use_graphs
 from aaekit.model import AAE, build_model, check_component_outputs
@@ -435,48 +435,33 @@ class Trainer:
             )
 
     def _setup_data(self) -> None:
-        """The splits held on the device; validation split and labelled subset drawn from the run seed."""
-        values, acc, path = self.recipe.values, self.accelerator, self.recipe.path
+        """The dataset, checked against the shape it declares, and its splits drawn from the run seed."""
+        values = self.recipe.values
         torch.manual_seed(self.seed)
-        self.dataset_entry = self.registry.get("dataset", values["data"]["name"])
-        self.dataset = dataset = self.dataset_entry.cls(**dataset_params(values["data"]))
+        self.dataset_entry = e = self.registry.get("dataset", values["data"]["name"])
+        self.dataset = dataset = e.cls(**dataset_params(values["data"]))
         full_train = dataset.load("train")
         example_size = math.prod(full_train.x.shape[1:])
         if example_size != math.prod(dataset.input_shape):
-            e = self.dataset_entry
             raise UserError(
                 f"data.name: dataset {e.name!r} from plugin {e.plugin} ({e.distribution}) loaded "
                 f"examples of {example_size} values but declares input_shape "
                 f"{tuple(dataset.input_shape)}; fix the plugin"
             )
-        if values["data"]["validation"] >= len(full_train):
-            raise UserError(
-                f"{path}: data.validation: {values['data']['validation']} held out of a training "
-                f"split of {len(full_train)} leaves nothing to train on; lower it"
-            )
-        train, validation = split_off(full_train, values["data"]["validation"], self.seed + 1)
         self.num_classes = dataset.num_classes
-        in_memory = values["data"]["in_memory"]
-        self.train_data = hold(train, self.device, in_memory, acc.print)
-        self.validation_data = (
-            hold(validation, self.device, in_memory, acc.print, "validation split")
-            if len(validation)
-            else None
+        splits = training_splits(
+            full_train,
+            values["data"],
+            self.settings.batch_size,
+            self.num_classes,
+            self.seed,
+            self.device,
+            self.recipe.path,
+            self.accelerator.print,
         )
-        n_train, batch = len(self.train_data), self.settings.batch_size
-        if n_train < batch:
-            raise UserError(f"{path}: train.batch_size: {batch} is larger than the training set ({n_train})")
-        self.steps_per_epoch = n_train // batch
-        n_labelled = labelled_count(values["data"]["labelled"], n_train) if self.num_classes else 0
-        if n_labelled >= n_train:
-            self.labelled_index = torch.arange(n_train)
-        elif n_labelled > 0:
-            self.labelled_index = balanced_subset(train.y, n_labelled, self.num_classes, self.seed + 2)
-        else:
-            self.labelled_index = torch.arange(0)
-        self.labelled_mask = torch.zeros(n_train, dtype=torch.bool)
-        self.labelled_mask[self.labelled_index] = True
-        self.labelled_mask = self.labelled_mask.to(self.device)
+        self.train_data, self.validation_data = splits.train, splits.validation
+        self.labelled_index, self.labelled_mask = splits.labelled_index, splits.labelled_mask
+        self.steps_per_epoch = splits.steps_per_epoch
 
     def _setup_model(self) -> None:
         values = self.recipe.values
