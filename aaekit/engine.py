@@ -309,7 +309,8 @@ class Trainer:
         for name, opt in self.optimizers.items():
             for group in opt.param_groups:
                 lr = base_lr(self.recipe.values, name) * scale
-                changed, group["lr"] = changed or group["lr"] != lr, lr
+                if group["lr"] != lr:
+                    group["lr"], changed = lr, True
         if changed and isinstance(self.step, GraphedStep):
             self.step.reset()  # the recording holds the old rates
 
