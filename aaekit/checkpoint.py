@@ -41,7 +41,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file atomically (temporary file, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    except SafetensorError as exc:
+        # safetensors reports a failed write (disk full, file too large) as its own error, not as OSError
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{tmp.name}: {exc}") from None
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -128,12 +133,16 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for name, tensors in zip(FILES, (model, optimizers, rng)):
-        save_tensors(tensors, tmp / name)
-        if os.environ.get("AAEKIT_TEST_KILL_IN_CHECKPOINT") == str(step):  # test-only: die mid-write
-            os.kill(os.getpid(), signal.SIGKILL)
-    state = dict(state, files={name: (tmp / name).stat().st_size for name in FILES})
-    write_json(state, tmp / "state.json")
+    try:
+        for name, tensors in zip(FILES, (model, optimizers, rng)):
+            save_tensors(tensors, tmp / name)
+            if os.environ.get("AAEKIT_TEST_KILL_IN_CHECKPOINT") == str(step):  # test-only: die mid-write
+                os.kill(os.getpid(), signal.SIGKILL)
+        state = dict(state, files={name: (tmp / name).stat().st_size for name in FILES})
+        write_json(state, tmp / "state.json")
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder would only take up the space
+        raise
     if final.exists():  # same step written again (e.g. end of run right after a periodic save)
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -258,12 +267,12 @@ def stream_tensors(trainer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, info
 
 
-def save_training(trainer, step: int, epoch: int) -> Path | None:
+def save_training(trainer, step: int, epoch: int) -> Path:
     """Write the checkpoint of ``step`` (collective: every rank calls it; rank 0 writes). Returns its
-    folder."""
+    folder; raises OSError on every rank when rank 0 cannot write it."""
     acc = trainer.accelerator
     rng, info = stream_tensors(trainer)
-    path = None
+    failure = None
     if acc.is_main_process:
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_meta = {
@@ -279,17 +288,28 @@ def save_training(trainer, step: int, epoch: int) -> Path | None:
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "imbalance": trainer.monitor.imbalance,
         }
-        path = write_checkpoint(
-            trainer.run_dir / "checkpoints",
-            step,
-            trainer.model.state_dict(),
-            opt_tensors,
-            rng,
-            state,
-            keep=trainer.train_cfg["keep_checkpoints"],
-        )
-    acc.wait_for_everyone()
-    return path
+        try:
+            write_checkpoint(
+                trainer.run_dir / "checkpoints",
+                step,
+                trainer.model.state_dict(),
+                opt_tensors,
+                rng,
+                state,
+                keep=trainer.train_cfg["keep_checkpoints"],
+            )
+        except OSError as exc:
+            failure = exc
+    if acc.num_processes > 1:
+        # every rank learns that rank 0's write failed and stops with it, instead of waiting in the next
+        # collective until the launcher ends it
+        failed = torch.tensor([float(failure is not None)], device=acc.device)
+        torch.distributed.all_reduce(failed)
+        if failed.item() and failure is None:
+            failure = OSError("rank 0 could not write it")
+    if failure is not None:
+        raise failure
+    return trainer.run_dir / "checkpoints" / f"{PREFIX}{step:08d}"  # on every rank, for its messages
 
 
 def restore_training(trainer, checkpoint: Checkpoint) -> dict:

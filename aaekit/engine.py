@@ -374,7 +374,7 @@ class Trainer:
                 f"{self._last_good or 'none yet'}. Free space or fix the folder, then resume.",
                 exit_code=4,
             ) from None
-        self._last_good = str(path) if path is not None else self._last_good
+        self._last_good = str(path)
 
     def finish(self) -> None:
         acc = self.accelerator

@@ -105,10 +105,14 @@ def aaekit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subp
 
 
 def aaekit_process(
-    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: int = 600,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess:
     """The CLI in a fresh interpreter (``python -m aaekit``): only for what needs a process of its own
-    (a real kill, the import footprint, the module entry point)."""
+    (a real kill, the import footprint, the module entry point, a limit on the size of files it writes)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "aaekit", *args],
@@ -117,7 +121,23 @@ def aaekit_process(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=limit_file_size(file_size_limit),
     )
+
+
+def limit_file_size(limit: int | None):
+    """A ``preexec_fn`` that makes writing past ``limit`` bytes fail with EFBIG ("File too large"), as a full
+    disk or a quota would (Python ignores SIGXFSZ, so the write raises OSError): a real failed write, even for
+    root, whom permissions do not stop."""
+    if limit is None:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 def tiny_run_args(recipe: str, run_dir: Path, *extra: str) -> list[str]:

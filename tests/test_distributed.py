@@ -15,7 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, aaekit, aaekit_process, prepared_trainer, tiny_run_args, two_code_recipe
+from conftest import (
+    ROOT,
+    aaekit,
+    aaekit_process,
+    limit_file_size,
+    prepared_trainer,
+    tiny_run_args,
+    two_code_recipe,
+)
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny nets: threads only contend on a shared machine
@@ -46,7 +54,9 @@ def write_recipe(
     )
 
 
-def launch_two_ranks(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch_two_ranks(
+    *args: str, env: dict | None = None, timeout: int = 600, file_size_limit: int | None = None
+) -> subprocess.CompletedProcess:
     """``accelerate launch`` with two CPU processes over gloo, as the README tells users."""
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [
@@ -63,7 +73,15 @@ def launch_two_ranks(*args: str, env: dict | None = None, timeout: int = 600) ->
         "aaekit",
         *args,
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit_file_size(file_size_limit),
+    )
 
 
 def metric_lines(run_dir: Path) -> list[dict]:
@@ -465,6 +483,30 @@ def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     result = aaekit(*base, "train.max_steps=12", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metric_lines(run_dir)] == [2, 4, 6, 8, 10, 12]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_every_rank_by_name(tmp_path):
+    """Files past 48 KB cannot be written (a full disk, as far as the run can tell): the first checkpoint,
+    due at step 4, fails on rank 0. One process stops with exit 4 and one line; two ranks both stop at that
+    step with the same line, instead of rank 1 waiting in a collective until the launcher ends it. Nothing
+    half-written is left, and the run's earlier files are intact."""
+    recipe = write_recipe(tmp_path, 40)
+    for launch, run_dir in ((aaekit_process, tmp_path / "one"), (launch_two_ranks, tmp_path / "two")):
+        result = launch(
+            "run", str(recipe), "--output-dir", str(run_dir), timeout=300, file_size_limit=48 * 1024
+        )
+        expected = "stopped: cannot write the checkpoint of step 4 under"
+        lines = [line for line in result.stderr.splitlines() if line.startswith(expected)]
+        assert lines and all("none yet" in line for line in lines), result.stderr[-3000:]
+        assert any("File too large" in line for line in lines), result.stderr[-3000:]
+        if launch is aaekit_process:
+            assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        else:  # one line per rank; rank 1's names rank 0 (the launcher then reports rank 0's exit 4)
+            assert result.returncode != 0 and len(lines) == 2, result.stderr[-3000:]
+            assert any("rank 0 could not write it" in line for line in lines)
+        assert not list((run_dir / "checkpoints").iterdir())  # no half-written folder
+        assert not (run_dir / "model.safetensors").exists()
+        assert [row["step"] for row in metric_lines(run_dir)] == [4]  # logged before the save, kept
 
 
 def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path):
