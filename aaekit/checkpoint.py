@@ -300,16 +300,20 @@ def save_training(trainer, step: int, epoch: int) -> Path:
             )
         except OSError as exc:
             failure = exc
+    raise_on_every_rank(acc, failure)
+    return trainer.run_dir / "checkpoints" / f"{PREFIX}{step:08d}"  # on every rank, for its messages
+
+
+def raise_on_every_rank(acc, failure: OSError | None) -> None:
+    """Raise rank 0's write failure on every rank (a collective when there are several), so that the others
+    stop with it instead of waiting in the next collective until the launcher ends them."""
     if acc.num_processes > 1:
-        # every rank learns that rank 0's write failed and stops with it, instead of waiting in the next
-        # collective until the launcher ends it
         failed = torch.tensor([float(failure is not None)], device=acc.device)
         torch.distributed.all_reduce(failed)
         if failed.item() and failure is None:
             failure = OSError("rank 0 could not write it")
     if failure is not None:
         raise failure
-    return trainer.run_dir / "checkpoints" / f"{PREFIX}{step:08d}"  # on every rank, for its messages
 
 
 def restore_training(trainer, checkpoint: Checkpoint) -> dict:

@@ -381,12 +381,25 @@ class Trainer:
         self.monitor.repeat_warnings()
         if isinstance(self.step, GraphedStep):
             acc.print(self.step.summary())
+        failure = None
         if acc.is_main_process:
-            ckpt.save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors")
-            if self.train_cfg["pictures"]:
-                from aaekit.pictures import write_pictures
+            try:
+                ckpt.save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors")
+                if self.train_cfg["pictures"]:
+                    from aaekit.pictures import write_pictures
 
-                write_pictures(self, self.run_dir)
+                    write_pictures(self, self.run_dir)
+            except OSError as exc:
+                failure = exc
+        try:
+            ckpt.raise_on_every_rank(acc, failure)
+        except OSError as exc:
+            raise TrainingStopped(
+                f"trained, but cannot write the model or its pictures into {self.run_dir} "
+                f"({exc.strerror or exc}); the trained weights are in the final checkpoint {self._last_good}. "
+                "Free space or fix the folder, then rerun the same command with --resume to write them.",
+                exit_code=4,
+            ) from None
         self.switches.after_finish(self.model.state_dict(), acc.process_index)
         acc.wait_for_everyone()
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from aaekit.checkpoint import latest_checkpoint, list_checkpoints
@@ -65,6 +67,27 @@ def test_resume_continues_the_step_count_and_never_overwrites(tmp_path):
     assert (run_dir / "metrics.jsonl").read_text().startswith(before)  # appended, not rewritten
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert latest_checkpoint(run_dir / "checkpoints").state["step"] == 8
+
+
+def test_a_model_file_that_cannot_be_written_is_one_line_and_resume_writes_it(tmp_path):
+    """A folder in the way of model.safetensors (the file cannot replace it): trained, stopped with exit 4 and
+    one line naming the final checkpoint; resuming the finished run writes the model, the same weights."""
+    run_dir = tmp_path / "run"
+    base = tiny_run_args("recipes/gaussian.toml", run_dir, "train.pictures=false")
+    assert aaekit(*base).returncode == 0
+    written = load_file(str(run_dir / "model.safetensors"))
+    (run_dir / "model.safetensors").unlink()
+    (run_dir / "model.safetensors").mkdir()
+    (run_dir / "model.safetensors" / "in-the-way").write_text("x")
+    blocked = aaekit(*base, "--resume")
+    assert blocked.returncode == 4 and "Traceback" not in blocked.stderr, blocked.stderr[-2000:]
+    final = latest_checkpoint(run_dir / "checkpoints")
+    assert "trained, but cannot write the model" in blocked.stderr and str(final.path) in blocked.stderr
+    shutil.rmtree(run_dir / "model.safetensors")
+    resumed = aaekit(*base, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = load_file(str(run_dir / "model.safetensors"))
+    assert again.keys() == written.keys() and all(torch.equal(again[k], written[k]) for k in written)
 
 
 def test_default_run_dir_gets_a_new_name_instead_of_overwriting(tmp_path):
