@@ -396,7 +396,8 @@ class Trainer:
         except OSError as exc:
             raise TrainingStopped(
                 f"trained, but cannot write the model or its pictures into {self.run_dir} "
-                f"({exc.strerror or exc}); the trained weights are in the final checkpoint {self._last_good}. "
+                f"({exc.strerror or exc}); the trained weights are in the final checkpoint "
+                f"{self._last_good}. "
                 "Free space or fix the folder, then rerun the same command with --resume to write them.",
                 exit_code=4,
             ) from None
