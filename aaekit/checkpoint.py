@@ -63,6 +63,23 @@ def write_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def append_line(path: Path, line: str) -> OSError | None:
+    """Append one line to a text file; returns the error instead of raising, with the file cut back to its
+    old length, so that a failed write leaves no partial line behind."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        return None
+    except OSError as exc:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass  # the file as it was could not even be restored; the error below says why
+        return exc
+
+
 def load_tensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():

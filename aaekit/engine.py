@@ -332,9 +332,14 @@ class Trainer:
         }
         if epoch_done:
             record.update(self.evaluate_epoch())
+        failure = None
         if acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            failure = ckpt.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
+        try:
+            ckpt.raise_on_every_rank(acc, failure)
+        except OSError as exc:
+            metrics = self.run_dir / "metrics.jsonl"
+            raise self.write_stopped(exc, f"the metrics of step {step} into {metrics}") from None
         if acc.trackers:
             acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
         return record
@@ -362,19 +367,24 @@ class Trainer:
                 torch.distributed.broadcast(buffer, src=0)
 
     def save_checkpoint(self, step: int, epoch: int) -> None:
-        """A checkpoint (collective); one that cannot be written (disk full, folder removed) stops the run by
-        name: training on without one would risk more than it could lose."""
+        """A checkpoint (collective); one that cannot be written (disk full, folder removed) stops the run."""
         self.share_buffers()  # the final save and finish() see the same model on every rank
         try:
             path = ckpt.save_training(self, step, epoch)
         except OSError as exc:
-            raise TrainingStopped(
-                f"cannot write the checkpoint of step {step} under {self.run_dir / 'checkpoints'} "
-                f"({exc.strerror or exc}); stopped. The last good checkpoint is kept: "
-                f"{self._last_good or 'none yet'}. Free space or fix the folder, then resume.",
-                exit_code=4,
-            ) from None
+            folder = self.run_dir / "checkpoints"
+            raise self.write_stopped(exc, f"the checkpoint of step {step} under {folder}") from None
         self._last_good = str(path)
+
+    def write_stopped(self, exc: OSError, what: str) -> TrainingStopped:
+        """The stop (exit 4) for a file rank 0 could not write: training on without it would risk more than
+        it could lose; the last good checkpoint is where to resume from."""
+        return TrainingStopped(
+            f"cannot write {what} ({exc.strerror or exc}); stopped. The last good checkpoint is kept: "
+            f"{self._last_good or 'none yet'}. Free space or fix the folder, then rerun the same command "
+            "with --resume.",
+            exit_code=4,
+        )
 
     def finish(self) -> None:
         acc = self.accelerator
@@ -393,14 +403,8 @@ class Trainer:
                 failure = exc
         try:
             ckpt.raise_on_every_rank(acc, failure)
-        except OSError as exc:
-            raise TrainingStopped(
-                f"trained, but cannot write the model or its pictures into {self.run_dir} "
-                f"({exc.strerror or exc}); the trained weights are in the final checkpoint "
-                f"{self._last_good}. "
-                "Free space or fix the folder, then rerun the same command with --resume to write them.",
-                exit_code=4,
-            ) from None
+        except OSError as exc:  # the final checkpoint holds the trained weights: resuming writes them
+            raise self.write_stopped(exc, f"the trained model or its pictures into {self.run_dir}") from None
         self.switches.after_finish(self.model.state_dict(), acc.process_index)
         acc.wait_for_everyone()
 

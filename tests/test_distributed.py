@@ -509,6 +509,30 @@ def test_a_checkpoint_that_cannot_be_written_stops_every_rank_by_name(tmp_path):
         assert [row["step"] for row in metric_lines(run_dir)] == [4]  # logged before the save, kept
 
 
+def test_a_metrics_line_that_cannot_be_written_stops_the_run_and_leaves_whole_lines(tmp_path):
+    """A line per step, no periodic checkpoint, files limited to 4 KB: metrics.jsonl fills up after a dozen
+    lines. The run stops with exit 4 naming the step, and the file holds only whole lines (the partial one
+    is cut off)."""
+    recipe = write_recipe(tmp_path, 40)
+    run_dir = tmp_path / "run"
+    result = aaekit_process(
+        "run",
+        str(recipe),
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        "--output-dir",
+        str(run_dir),
+        timeout=300,
+        file_size_limit=4096,
+    )
+    assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    rows = metric_lines(run_dir)  # every line parses: no partial one
+    stopped = [line for line in result.stderr.splitlines() if line.startswith("stopped: cannot write")]
+    assert len(stopped) == 1, result.stderr[-3000:]
+    assert f"the metrics of step {len(rows) + 1} into" in stopped[0] and "File too large" in stopped[0]
+    assert 3 < len(rows) < 40 and not (run_dir / "model.safetensors").exists()
+
+
 def test_diverging_loss_stops_with_last_good_checkpoint(tmp_path):
     """From epoch 1 (step 20) every learning rate is multiplied by 1e33: the loss turns non-finite."""
     recipe = write_recipe(tmp_path, 60)

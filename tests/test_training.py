@@ -82,7 +82,7 @@ def test_a_model_file_that_cannot_be_written_is_one_line_and_resume_writes_it(tm
     blocked = aaekit(*base, "--resume")
     assert blocked.returncode == 4 and "Traceback" not in blocked.stderr, blocked.stderr[-2000:]
     final = latest_checkpoint(run_dir / "checkpoints")
-    assert "trained, but cannot write the model" in blocked.stderr and str(final.path) in blocked.stderr
+    assert "cannot write the trained model" in blocked.stderr and str(final.path) in blocked.stderr
     shutil.rmtree(run_dir / "model.safetensors")
     resumed = aaekit(*base, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
