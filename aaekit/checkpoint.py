@@ -63,21 +63,20 @@ def write_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def append_line(path: Path, line: str) -> OSError | None:
-    """Append one line to a text file; returns the error instead of raising, with the file cut back to its
-    old length, so that a failed write leaves no partial line behind."""
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a text file; a failed write cuts the file back to its old length (no partial line
+    left behind) and raises."""
     path = Path(path)
     size = path.stat().st_size if path.exists() else 0
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
-        return None
-    except OSError as exc:
+    except OSError:
         try:
             os.truncate(path, size)
         except OSError:
-            pass  # the file as it was could not even be restored; the error below says why
-        return exc
+            pass  # the file as it was could not even be restored; the error raised says why
+        raise
 
 
 def load_tensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:

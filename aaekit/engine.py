@@ -332,14 +332,9 @@ class Trainer:
         }
         if epoch_done:
             record.update(self.evaluate_epoch())
-        failure = None
-        if acc.is_main_process:
-            failure = ckpt.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
-        try:
-            ckpt.raise_on_every_rank(acc, failure)
-        except OSError as exc:
-            metrics = self.run_dir / "metrics.jsonl"
-            raise self.write_stopped(exc, f"the metrics of step {step} into {metrics}") from None
+        metrics, line = self.run_dir / "metrics.jsonl", json.dumps(record)
+        what = f"the metrics of step {step} into {metrics}"
+        self.write_on_rank0(what, lambda: ckpt.append_line(metrics, line))
         if acc.trackers:
             acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
         return record
@@ -376,6 +371,19 @@ class Trainer:
             raise self.write_stopped(exc, f"the checkpoint of step {step} under {folder}") from None
         self._last_good = str(path)
 
+    def write_on_rank0(self, what: str, write) -> None:
+        """Call ``write`` on rank 0 (collective); a write that fails stops every rank (see write_stopped)."""
+        failure = None
+        if self.accelerator.is_main_process:
+            try:
+                write()
+            except OSError as exc:
+                failure = exc
+        try:
+            ckpt.raise_on_every_rank(self.accelerator, failure)
+        except OSError as exc:
+            raise self.write_stopped(exc, what) from None
+
     def write_stopped(self, exc: OSError, what: str) -> TrainingStopped:
         """The stop (exit 4) for a file rank 0 could not write: training on without it would risk more than
         it could lose; the last good checkpoint is where to resume from."""
@@ -391,22 +399,17 @@ class Trainer:
         self.monitor.repeat_warnings()
         if isinstance(self.step, GraphedStep):
             acc.print(self.step.summary())
-        failure = None
-        if acc.is_main_process:
-            try:
-                ckpt.save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors")
-                if self.train_cfg["pictures"]:
-                    from aaekit.pictures import write_pictures
-
-                    write_pictures(self, self.run_dir)
-            except OSError as exc:
-                failure = exc
-        try:
-            ckpt.raise_on_every_rank(acc, failure)
-        except OSError as exc:  # the final checkpoint holds the trained weights: resuming writes them
-            raise self.write_stopped(exc, f"the trained model or its pictures into {self.run_dir}") from None
+        # the final checkpoint holds the trained weights: resuming writes them if this fails
+        self.write_on_rank0(f"the trained model or its pictures into {self.run_dir}", self.write_results)
         self.switches.after_finish(self.model.state_dict(), acc.process_index)
         acc.wait_for_everyone()
+
+    def write_results(self) -> None:
+        ckpt.save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors")
+        if self.train_cfg["pictures"]:
+            from aaekit.pictures import write_pictures
+
+            write_pictures(self, self.run_dir)
 
     # ---- set-up, by concern
     # ----------------------------------------------------------------------------------
