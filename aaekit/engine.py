@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 
 from aaekit import checkpoint as ckpt
-from aaekit.cpu import keep_freed_memory, set_flush_denormals
+from aaekit.cpu import keep_freed_memory, set_flush_denormals, slow_bf16_reason
 from aaekit.cpu.master_weights import MasterWeights, compiled_kernel, mean_gradients_in_fp32
 from aaekit.data import DeviceData, ShuffledBatches, training_splits
 from aaekit.errors import TrainingStopped, UserError
@@ -455,6 +455,13 @@ class Trainer:
                 f"cpu: {torch.get_num_threads()} thread(s) per process (run.threads or OMP_NUM_THREADS sets "
                 "it; while other work keeps the cores busy, fewer threads are often much faster)"
             )
+            slow = slow_bf16_reason() if values["run"]["mixed_precision"] == "bf16" else None
+            if slow:
+                acc.print(
+                    f'warning: run.mixed_precision = "bf16" is slow here ({slow}): bf16 trains several '
+                    "times slower than fp32 on such a CPU; "
+                    'run.mixed_precision = "no" is faster on this machine'
+                )
 
     def _setup_data(self) -> None:
         """The dataset, checked against the shape it declares, and its splits drawn from the run seed."""

@@ -9,8 +9,9 @@ evaluated with `aaekit eval`, as a user would run them.
 
 The budget is turned into `train.max_steps` from a short timed run of the same recipe (its logged samples/s).
 Experiments whose recipe does not exist are listed as skipped, with the reason.
-Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md; the runs go under
-runs/reproduce/ (--runs DIR elsewhere).
+Writes benchmarks/results/reproduce.json and benchmarks/results/reproduce.md, and appends one line per run
+(its recipe included) to benchmarks/results/reproduce-runs.jsonl, from which benchmarks/standings.py makes
+the results table; the runs go under runs/reproduce/ (--runs DIR elsewhere).
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ class Experiment:
     unit: str
     eval_args: tuple[str, ...] = ()
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    label: str = ""  # the row's name in the results table (benchmarks/standings.py)
+    section: str = ""  # its section on docs/results.md
+    public: str = "—"  # the best public reproduction's figure, as far as this project knows
 
 
+LEDGER = "reproduce-runs.jsonl"  # every run of every reproduction, appended; standings.py reads it
 ERROR_KEYS = ("error",)  # `aaekit eval --metric classification`: a fraction
 CLUSTER_KEYS = ("error.paper", "error")  # `--metric clustering`: the paper's protocol first
 EXPERIMENTS = [
@@ -59,6 +64,9 @@ EXPERIMENTS = [
         "parzen",
         ("log_likelihood",),
         "nats",
+        label="Likelihood, Parzen (Table 1), nats",
+        section="likelihood",
+        public="340 after 2000 epochs (σ chosen on training images)",
     ),
     Experiment(
         "semisupervised_100",
@@ -68,6 +76,9 @@ EXPERIMENTS = [
         "classification",
         ERROR_KEYS,
         "%",
+        label="Semi-supervised, 100 labels (Table 2)",
+        section="semi-supervised-classification",
+        public="~5 %",
     ),
     Experiment(
         "semisupervised_1000",
@@ -77,6 +88,9 @@ EXPERIMENTS = [
         "classification",
         ERROR_KEYS,
         "%",
+        label="Semi-supervised, 1000 labels (Table 2)",
+        section="semi-supervised-classification",
+        public="2.9 % (with 1280 labels)",
     ),
     Experiment(
         "semisupervised_all",
@@ -86,6 +100,8 @@ EXPERIMENTS = [
         "classification",
         ERROR_KEYS,
         "%",
+        label="Supervised, all labels (Table 2)",
+        section="semi-supervised-classification",
     ),
     Experiment(
         "cluster16",
@@ -95,6 +111,9 @@ EXPERIMENTS = [
         "clustering",
         CLUSTER_KEYS,
         "%",
+        label="Clustering, 16 clusters (Table 3)",
+        section="clustering",
+        public="worse than the paper",
     ),
     Experiment(
         "cluster30",
@@ -104,6 +123,9 @@ EXPERIMENTS = [
         "clustering",
         CLUSTER_KEYS,
         "%",
+        label="Clustering, 30 clusters (Table 3)",
+        section="clustering",
+        public="worse than the paper",
     ),
     Experiment(
         "dimred2d",
@@ -113,6 +135,9 @@ EXPERIMENTS = [
         "clustering",
         CLUSTER_KEYS,
         "%",
+        label="2-D reduction, unsupervised (§7)",
+        section="dimensionality-reduction",
+        public="~40 %",
     ),
     Experiment(
         "dimred2d_1000",
@@ -122,6 +147,8 @@ EXPERIMENTS = [
         "classification",
         ERROR_KEYS,
         "%",
+        label="2-D reduction, 1000 labels (§7)",
+        section="dimensionality-reduction",
     ),
     Experiment(
         "dimred2d_100",
@@ -131,6 +158,8 @@ EXPERIMENTS = [
         "classification",
         ERROR_KEYS,
         "%",
+        label="2-D reduction, 100 labels (§7)",
+        section="dimensionality-reduction",
     ),
 ]
 
@@ -287,6 +316,34 @@ def run_experiment(exp: Experiment, opts, out_root: Path, seed: int | None = Non
         "overrides": overrides,
         "eval": result,
     }
+
+
+def ledger_row(row: dict, run_dir: Path, machine: str, quick: bool) -> dict:
+    """One finished run as a line of ``reproduce-runs.jsonl``: its figure, how long it trained, where, and the
+    recipe it trained (the run's resolved recipe.toml), which is how ``benchmarks/standings.py`` tells whether
+    the figure is still of the recipe as shipped."""
+    import tomllib
+
+    values = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))
+    return {
+        "recipe": Path(row["recipe"]).stem,
+        "seed": values["run"]["seed"],
+        "train_s": round(row["train_s"]),
+        "epochs": row["epochs"],
+        "precision": values["run"]["mixed_precision"],
+        "hardware": machine,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "name": f"{row['experiment']} ({row['run_dir']})",
+        "quick": quick,
+        **{k: v for k, v in row["eval"].items() if k != "run"},
+        "recipe_values": values,
+    }
+
+
+def append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def shown(path: Path) -> str:
@@ -454,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"[{name}] {row['status']}: {detail}", flush=True)
         with lock:
+            if row["status"] == "ok":  # every run, each seed on its own line; never rewritten
+                append_row(opts.results / LEDGER, ledger_row(row, ROOT / row["run_dir"], machine, opts.quick))
             finished[exp.key].append(row)
             # an experiment enters the report once all its seeds have
             if len(finished[exp.key]) == len(seeds):

@@ -8,7 +8,8 @@ replaces it with what the generator of that name returns:
 - ``cli-reference``: every command, argument and option of the click group ``aaekit.cli.cli``;
 - ``shipped-recipes``: every file in ``recipes/`` with the first sentence of its leading comment;
 - ``resumable-keys``: the recipe keys that ``aaekit run --resume`` lets change;
-- ``reproduction-tables`` and ``throughput-tables``: the reports in ``benchmarks/results/``.
+- ``reproduction-tables`` and ``throughput-tables``: the reports in ``benchmarks/results/``;
+- ``standings``: the results table of the README, from the run rows in ``benchmarks/results/*.jsonl``.
 
 An unknown marker, a core table that has no place in the reference, or a report that cannot be read fails the
 build. ``tests/test_docs.py`` imports this file to check that nothing is left out.
@@ -550,6 +551,18 @@ def reproduction_tables() -> str:
     return "\n".join(out) if out else "No reports in `benchmarks/results/` yet."
 
 
+def standings() -> str:
+    """The README's results table, from the run rows (benchmarks/standings.py), linking within this page."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_standings", ROOT / "benchmarks" / "standings.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module.table(link_prefix="")
+
+
 def throughput_tables() -> str:
     out = []
     for path, data, _ in reports(("throughput",)):
@@ -564,4 +577,5 @@ GENERATORS = {
     "cli-reference": cli_reference,
     "reproduction-tables": reproduction_tables,
     "throughput-tables": throughput_tables,
+    "standings": standings,
 }

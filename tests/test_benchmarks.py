@@ -133,6 +133,69 @@ def test_reproduce_seeds_reports_the_mean_and_every_seed(tmp_path):
         assert saved["run"]["seed"] == s["seed"]
     assert len({s["run_dir"] for s in row["seeds"]}) == 2
     assert "mean of 2 seeds" in (tmp_path / "reproduce.md").read_text()
+    # every run is also a line of the ledger, with the recipe it trained, for benchmarks/standings.py
+    ledger = [json.loads(line) for line in (tmp_path / "reproduce-runs.jsonl").read_text().splitlines()]
+    assert sorted(r["seed"] for r in ledger) == [0, 1] and all(r["quick"] for r in ledger)
+    for r, s in zip(sorted(ledger, key=lambda r: r["seed"]), row["seeds"]):
+        assert r["recipe_values"] == tomllib.loads((ROOT / s["run_dir"] / "recipe.toml").read_text())
+        assert r["error.paper"] == pytest.approx(s["aaekit"] / 100) and r["recipe"] == "cluster16"
+
+
+def test_the_readme_results_table_is_what_the_run_rows_give(capsys):
+    """No figure in the README's table is typed by hand: it is benchmarks/standings.py's output."""
+    assert script("standings").main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_a_run_counts_for_the_table_only_while_its_recipe_is_the_one_shipped():
+    """A row counts when its recipe, validated by today's code, equals the shipped one but for how it was run
+    (seed, precision, threads); a changed schedule, a key that no longer exists or a --quick run does not; a
+    time budget counts and is said."""
+    import copy
+
+    from aaekit.recipe import read_toml
+
+    standings = script("standings")
+    shipped = read_toml(ROOT / "recipes" / "cluster16.toml")
+
+    def row(error: float, seed: int, **changes) -> dict:
+        values = copy.deepcopy(shipped)
+        for dotted, value in changes.items():
+            table, key = dotted.split("__")
+            values.setdefault(table, {})[key] = value
+        values["run"]["seed"] = seed
+        return {
+            "recipe": "cluster16",
+            "metric": "clustering",
+            "error.paper": error,
+            "error.majority": error,
+            "seed": seed,
+            "train_s": 600,
+            "epochs": values["train"]["epochs"],
+            "hardware": "a CPU",
+            "precision": "no",
+            "date": "2026-12-02",
+            "recipe_values": values,
+        }
+
+    counted = [
+        row(0.20, 0),
+        row(0.30, 1, run__mixed_precision="bf16", run__threads=1, train__pictures=False),
+        {**row(0.40, 2, train__max_steps=50), "epochs": 5},  # a budget stopped it after 5 epochs
+    ]
+    ignored = [
+        row(0.01, 3, train__epochs=2),  # another schedule
+        row(0.01, 4, encoder__no_such_key=1),  # a key today's code does not know: not this recipe
+        {**row(0.01, 5), "quick": True},
+        {**row(0.01, 6), "recipe": "cluster30"},
+    ]
+    (standing,) = [s for s in standings.standings(counted + ignored) if s.experiment.key == "cluster16"]
+    assert [sorted(r["seed"] for r in g) for g in standing.groups] == [[0, 1, 2]]
+    assert standings.figure(standing.groups[0], standing.experiment) == "**30.0 %** (3 runs: 20.0-40.0 %)"
+    note = standings.note(standing.groups[0], standing.experiment)
+    assert "seeds 0 / 1 / 2: 20.0 / 30.0 / 40.0 %" in note
+    assert "stopped by a time budget after 5 of its 40 epochs" in note
+    (other,) = [s for s in standings.standings(ignored) if s.experiment.key == "cluster16"]
+    assert other.groups == []
 
 
 def test_step_ab_times_both_trees_and_refuses_a_tree_without_aaekit(tmp_path, capsys):

@@ -52,3 +52,32 @@ def test_trainer_applies_the_recipe_setting(tmp_path, restore_flushing):
     assert flushed_fraction() == 1.0
     prepared_trainer(recipe, tmp_path / "off", [*TINY, "run.flush_denormals=false"])
     assert flushed_fraction() == 0.0
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (independent of torch's own detection)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return set()
+    return {
+        flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()
+    }
+
+
+@pytest.mark.skipif(not cpu_flags(), reason="needs Linux's /proc/cpuinfo")
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_bf16_on_a_cpu_without_fast_bf16_is_named_at_the_start(tmp_path, precision):
+    """On a CPU without AVX-512 (AVX2 only) bf16 trains several times slower than fp32: a run in bf16 says so
+    and names the faster setting; fp32 never warns, and neither does bf16 where the CPU has AVX-512."""
+    from conftest import aaekit, tiny_run_args
+
+    result = aaekit(
+        *tiny_run_args("recipes/gaussian.toml", tmp_path / "run", f"run.mixed_precision={precision}")
+    )
+    assert result.returncode == 0, result.stderr
+    warned = 'run.mixed_precision = "bf16" is slow here' in result.stdout
+    slow_cpu = "avx512bw" not in cpu_flags() and "amx_bf16" not in cpu_flags()
+    assert warned == (precision == "bf16" and slow_cpu), result.stdout
+    if warned:
+        assert 'run.mixed_precision = "no" is faster on this machine' in result.stdout
