@@ -10,9 +10,9 @@ resolved ``recipe.toml``) and that recipe is the one shipped now: both are valid
 compared key by key, leaving out the keys that say how a run was done rather than what it trains (seed, name,
 precision, threads, checkpoints, logging, pictures). So a figure leaves the table as soon as its recipe
 changes, until it is re-measured. A row that differs from the shipped recipe only in ``train.max_steps``
-(``reproduce.py``'s time budget) counts as a budgeted run and says so. When the rows of one experiment come
-from several machines or precisions, the group with the most runs gives the figure (the newest on a tie) and
-every group is in the notes.
+(``reproduce.py``'s time budget) counts as a budgeted run and says so. The figure is the mean of every run that
+counts, whatever machine or precision it ran on (the recipe is the same); the notes list the runs of each
+machine and precision apart.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _reproduce():
 @dataclass
 class Standing:
     experiment: object  # reproduce.Experiment
-    groups: list[list[dict]]  # the counted rows, one list per (hardware, precision), the figure's first
+    groups: list[list[dict]]  # the counted rows, one list per (hardware, precision), the largest first
 
 
 def flat(values: dict, prefix: str = "") -> dict:
@@ -197,7 +197,7 @@ def table(link_prefix: str = "docs/results.md") -> str:
             notes.append(
                 f"- **`{exp.recipe}`**: " + "; *and* ".join(note(g, exp) for g in standing.groups) + "."
             )
-            ours = figure(standing.groups[0], exp)
+            ours = figure([r for g in standing.groups for r in g], exp)
         else:
             ours = "not measured as shipped"
         lines.append(f"| {name} | {exp.paper} | {exp.public} | {ours} | — |")
