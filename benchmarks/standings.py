@@ -10,9 +10,9 @@ resolved ``recipe.toml``) and that recipe is the one shipped now: both are valid
 compared key by key, leaving out the keys that say how a run was done rather than what it trains (seed, name,
 precision, threads, checkpoints, logging, pictures). So a figure leaves the table as soon as its recipe
 changes, until it is re-measured. A row that differs from the shipped recipe only in ``train.max_steps``
-(``reproduce.py``'s time budget) counts as a budgeted run and says so. The figure is the mean of every run that
-counts, whatever machine or precision it ran on (the recipe is the same); the notes list the runs of each
-machine and precision apart.
+(``reproduce.py``'s time budget) counts as a budgeted run and says so. The figure is the mean of every run
+that counts, whatever machine or precision it ran on (the recipe is the same); the notes list the runs of
+each machine and precision apart.
 """
 
 from __future__ import annotations
