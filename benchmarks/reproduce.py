@@ -340,12 +340,6 @@ def ledger_row(row: dict, run_dir: Path, machine: str, quick: bool) -> dict:
     }
 
 
-def append_row(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def shown(path: Path) -> str:
     """A path as the report gives it: relative to the repository where it lies inside it."""
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -512,7 +506,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {row['status']}: {detail}", flush=True)
         with lock:
             if row["status"] == "ok":  # every run, each seed on its own line; never rewritten
-                append_row(opts.results / LEDGER, ledger_row(row, ROOT / row["run_dir"], machine, opts.quick))
+                from aaekit.checkpoint import append_line  # a failed write leaves no partial line
+
+                opts.results.mkdir(parents=True, exist_ok=True)
+                line = json.dumps(
+                    ledger_row(row, ROOT / row["run_dir"], machine, opts.quick), ensure_ascii=False
+                )
+                append_line(opts.results / LEDGER, line)
             finished[exp.key].append(row)
             # an experiment enters the report once all its seeds have
             if len(finished[exp.key]) == len(seeds):

@@ -64,6 +64,7 @@ class Standing:
 
 
 def flat(values: dict, prefix: str = "") -> dict:
+    # not aaekit.runs._flat, which turns lists into strings for the trackers: here lists are compared
     out = {}
     for key, value in values.items():
         if isinstance(value, dict):
