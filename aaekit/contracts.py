@@ -163,16 +163,22 @@ class Head(nn.Module, Component):
     - ``decoder_input(codes, labels)``: the decoder's input built from the codes (e.g. W_c·y + z);
       return None to keep the default (all codes concatenated).
     - ``reconstruction_penalty()``: a loss added in the reconstruction phase (e.g. cluster-head distance).
+    - ``encoder_penalty(x, codes, encode, generator)``: a loss on this mini-batch's codes, also added in the
+      reconstruction phase: ``codes`` are those of ``x``, ``encode(x2)`` encodes other inputs (e.g.
+      augmented views of ``x``) and ``generator`` is the run's noise stream, so resuming stays exact.
     - ``classification_loss(codes, labels)``: the semi-supervised phase's loss on a labelled batch.
     - ``decoder_input_dim``: the size of what ``decoder_input`` returns, when it returns something.
     """
 
     decoder_input_dim: int | None = None
 
-    def __init__(self, *, codes: list[CodeSpec], num_classes: int | None, **params):
+    def __init__(
+        self, *, codes: list[CodeSpec], num_classes: int | None, input_shape: tuple[int, ...] = (), **params
+    ):
         super().__init__()
         self.codes = list(codes)
         self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)  # of one example, e.g. (28, 28)
         set_declared(self, params)
 
     def forward(self, codes: dict, labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -183,6 +189,11 @@ class Head(nn.Module, Component):
         return None
 
     def reconstruction_penalty(self) -> torch.Tensor | None:
+        return None
+
+    def encoder_penalty(
+        self, x: torch.Tensor, codes: dict, encode, generator: torch.Generator
+    ) -> torch.Tensor | None:
         return None
 
     def classification_loss(self, codes: dict, labels: torch.Tensor) -> torch.Tensor | None:

@@ -113,7 +113,8 @@ class Trainer:
     def reconstruction_phase(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
         """Update encoder + decoder to reconstruct x (and heads, with their penalties)."""
         self.opt_reconstruction.zero_grad(set_to_none=True)
-        logits = self.decoder(self.model.decoder_input(self.encode(x), labels, self.heads)).float()
+        codes = self.encode(x)
+        logits = self.decoder(self.model.decoder_input(codes, labels, self.heads)).float()
         loss = (
             F.binary_cross_entropy_with_logits(logits, x)
             if self.settings.bce
@@ -121,8 +122,12 @@ class Trainer:
         )
         out = {"loss/reconstruction": loss.detach()}
         for key, head in self.model.heads.items():
-            penalty = head.reconstruction_penalty()
-            if penalty is not None:
+            penalties = [
+                head.reconstruction_penalty(),
+                head.encoder_penalty(x, codes, self.encode, self.noise),
+            ]
+            penalty = sum(p for p in penalties if p is not None)
+            if isinstance(penalty, torch.Tensor):
                 out[f"loss/penalty.{key}"] = penalty.detach()
                 loss = loss + penalty
         self.accelerator.backward(loss)

@@ -162,7 +162,9 @@ def build_model(recipe, registry, input_shape: tuple[int, ...], num_classes: int
     heads = {}
     for key, head in values["heads"].items():
         head_cls = registry.get("head", head["name"]).cls
-        heads[key] = head_cls(codes=codes, num_classes=num_classes, **params_of(head, ("name",)))
+        heads[key] = head_cls(
+            codes=codes, num_classes=num_classes, input_shape=input_shape, **params_of(head, ("name",))
+        )
 
     dec = values["decoder"]
     decoder_in = next((h.decoder_input_dim for h in heads.values() if h.decoder_input_dim), None)
@@ -229,5 +231,13 @@ def check_component_outputs(model: AAE, x: torch.Tensor, sources: dict, autocast
                 width = model.decoder[0].in_features
                 if built is not None and tuple(built.shape) != (n, width):
                     raise blame(f"heads.{key}", "a decoder input", (n, width), tuple(built.shape))
+                penalty = head.encoder_penalty(
+                    x, codes, lambda views: model.encoder(views, generator=generator), generator
+                )
+                if penalty is not None and (not isinstance(penalty, torch.Tensor) or penalty.dim() != 0):
+                    got = (
+                        tuple(penalty.shape) if isinstance(penalty, torch.Tensor) else type(penalty).__name__
+                    )
+                    raise blame(f"heads.{key}", "an encoder penalty", "() (one number)", got)
     finally:
         model.train(was_training)

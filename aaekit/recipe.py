@@ -404,7 +404,12 @@ def validate(raw: dict, registry, default_name: str = "run") -> tuple[dict, list
             registry, "head", head_raw, {"name": Param(str)}, f"heads.{head_key}.", problems
         )
         if entry is not None:
-            context = {"codes": out["codes"], "num_classes": num_classes, "decoder": decoder}
+            context = {
+                "codes": out["codes"],
+                "num_classes": num_classes,
+                "decoder": decoder,
+                "input_shape": tuple(data_entry.cls.input_shape) if data_entry else None,
+            }
             problems += [f"heads.{head_key}.{m}" for m in entry.cls.check_recipe(head, context)]
             has_classification |= entry.cls.defines_classification_loss()
         out["heads"][head_key] = head

@@ -50,6 +50,7 @@ class Experiment:
     label: str = ""  # the row's name in the results table (benchmarks/standings.py)
     section: str = ""  # its section on docs/results.md
     public: str = "—"  # the best public reproduction's figure, as far as this project knows
+    extended: str = ""  # a recipe of its own that departs from the paper (a plugin), reported beside this one
 
 
 LEDGER = "reproduce-runs.jsonl"  # every run of every reproduction, appended; standings.py reads it
@@ -114,6 +115,7 @@ EXPERIMENTS = [
         label="Clustering, 16 clusters (Table 3)",
         section="clustering",
         public="worse than the paper",
+        extended="cluster16_augmented.toml",
     ),
     Experiment(
         "cluster30",

@@ -197,6 +197,17 @@ def test_a_run_counts_for_the_table_only_while_its_recipe_is_the_one_shipped():
     (other,) = [s for s in standings.standings(ignored) if s.experiment.key == "cluster16"]
     assert other.groups == []
 
+    # the extended recipe's runs go to a column of their own, never into the faithful one
+    assert standing.experiment.extended == "cluster16_augmented.toml"
+    augmented = read_toml(ROOT / "recipes" / "cluster16_augmented.toml")
+    extended = {**row(0.10, 7), "recipe": "cluster16_augmented", "recipe_values": augmented}
+    not_augmented = {**row(0.05, 8), "recipe": "cluster16_augmented"}  # its name, without its head
+    (both,) = [
+        s for s in standings.standings([*counted, extended, not_augmented]) if s.experiment.key == "cluster16"
+    ]
+    assert [sorted(r["seed"] for r in g) for g in both.groups] == [[0, 1, 2]]
+    assert [[r["seed"] for r in g] for g in both.extended] == [[7]]
+
 
 def test_step_ab_times_both_trees_and_refuses_a_tree_without_aaekit(tmp_path, capsys):
     from conftest import two_code_recipe
