@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
+from test_benchmarks import script
 from test_robustness import one_error, plugin_folder
 
 from aaekit.contracts import CodeSpec
 from aaekit.plugins import get_registry
-from aaekit.recipe import read_toml, validate
+from aaekit.recipe import load_recipe, read_toml, validate
 from conftest import ROOT, aaekit, two_code_recipe
 
 CODES = [CodeSpec("y", "categorical", 10), CodeSpec("z", "continuous", 2)]
@@ -142,3 +143,23 @@ def test_an_encoder_penalty_that_is_not_one_number_is_named_before_training(tmp_
     out = aaekit("run", str(recipe), "--output-dir", str(run_dir), "--plugins-dir", str(plugins))
     one_error(out, "heads.r", "'rows'", "rows_head.py", "an encoder penalty", "one number")
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def components_of(values: dict) -> set[tuple[str, str]]:
+    """(kind, name) of every component a resolved recipe names."""
+    named = {("dataset", values["data"]["name"]), ("posterior", values["encoder"]["name"])}
+    named |= {("prior", code["prior"]["name"]) for code in values["codes"].values()}
+    return named | {("head", head["name"]) for head in values["heads"].values()}
+
+
+def test_only_the_extended_recipes_use_the_extensions_and_each_is_reported_apart():
+    """What departs from the paper stays out of the faithful recipes: a shipped recipe uses a component of
+    aaekit-extensions exactly when the results table reports it as an extended one."""
+    registry = get_registry()
+    extended = {exp.extended for exp in script("reproduce").EXPERIMENTS if exp.extended}
+    assert extended, "no experiment names an extended recipe"
+    for path in sorted((ROOT / "recipes").glob("*.toml")):
+        used = {
+            registry.get(kind, name).distribution for kind, name in components_of(load_recipe(path).values)
+        }
+        assert ("aaekit-extensions" in used) == (path.name in extended), path.name
