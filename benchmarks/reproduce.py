@@ -80,6 +80,7 @@ EXPERIMENTS = [
         label="Semi-supervised, 100 labels (Table 2)",
         section="semi-supervised-classification",
         public="~5 %",
+        extended="semisupervised_100_augmented.toml",
     ),
     Experiment(
         "semisupervised_1000",
