@@ -129,6 +129,7 @@ EXPERIMENTS = [
         label="Clustering, 30 clusters (Table 3)",
         section="clustering",
         public="worse than the paper",
+        extended="cluster30_augmented.toml",
     ),
     Experiment(
         "dimred2d",
@@ -141,6 +142,7 @@ EXPERIMENTS = [
         label="2-D reduction, unsupervised (§7)",
         section="dimensionality-reduction",
         public="~40 %",
+        extended="dimred2d_augmented.toml",
     ),
     Experiment(
         "dimred2d_1000",
