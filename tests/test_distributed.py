@@ -111,8 +111,9 @@ def assert_written_once(run_dir: Path, steps: int, log_every: int) -> None:
 
 def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path):
     """Two codes, the classifier head (find_unused_parameters, classification phase on the labelled stream),
-    the cluster-heads head (§7) and a batch-normalised encoder (each rank updates the running statistics from
-    its own slice: they must still end identical, and validation must use the same ones on both ranks)."""
+    the cluster-heads head (§7), augmentation consistency (aaekit-extensions) and a batch-normalised encoder
+    (each rank updates the running statistics from its own slice: they must still end identical, and
+    validation must use the same ones on both ranks)."""
     steps = 102  # 6 epochs of 17 steps: the last log line is an epoch end, with validation metrics
     # 41 items: uneven shards (21 + 20) to gather. A deterministic posterior here: the universal one draws eta
     # per shard during evaluation, so its validation numbers depend on how the split is sharded (see README).
@@ -122,7 +123,11 @@ def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path
         steps,
         validation=41,
         encoder="deterministic",
-        heads={"dimred": {"name": "cluster_heads", "code_y": "y", "code_z": "z"}},
+        heads={
+            "dimred": {"name": "cluster_heads", "code_y": "y", "code_z": "z"},
+            # the extensions' head: the encoder runs twice (image and view) before one backward
+            "consistency": {"name": "augmentation_consistency"},
+        },
         batch_norm=True,
     )
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
@@ -144,6 +149,7 @@ def test_two_ranks_semi_supervised_stay_identical_and_evaluate_like_one(tmp_path
     assert any(k.endswith("running_mean") for k in dumped)
     assert keys == len(load_file(str(run_dir / "model.safetensors")))
     assert_written_once(run_dir, steps, 17)
+    assert "loss/penalty.consistency" in metric_lines(run_dir)[-1]
 
     # The validation metrics gathered over two ranks equal a single-process evaluation of the same weights.
     import aaekit
