@@ -84,6 +84,21 @@ def test_reproduce_quick_trains_and_evaluates_likelihood(tmp_path, capsys):
     assert "| experiment | paper | aaekit |" in table and "340" in table
 
 
+def test_reproduce_extended_trains_the_extended_recipe_and_its_ledger_row_says_so(tmp_path, capsys):
+    reproduce = script("reproduce")
+    reproduce.aaekit = aaekit
+    args = ["--quick", "--extended", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    assert reproduce.main([*args, "--only", "cluster16"]) == 0, capsys.readouterr()
+    (row,) = json.loads((tmp_path / "reproduce.json").read_text())["experiments"]
+    assert row["status"] == "ok" and row["recipe"] == "recipes/cluster16_augmented.toml", row
+    (ledger,) = [json.loads(line) for line in (tmp_path / "reproduce-runs.jsonl").read_text().splitlines()]
+    assert ledger["recipe"] == "cluster16_augmented"
+    assert ledger["recipe_values"]["heads"]["consistency"]["name"] == "augmentation_consistency"
+    with pytest.raises(SystemExit):  # the likelihood has no extended recipe: nothing to run is an error
+        reproduce.main([*args, "--only", "likelihood"])
+    assert "none of the chosen experiments has an extended recipe" in capsys.readouterr().err
+
+
 def test_reproduce_parallel_keeps_the_table_order_and_every_row(tmp_path):
     """--parallel 2: two experiments train at once, as separate `python -m aaekit` processes; the report lists
     both in the table's order whichever finished first."""
