@@ -159,6 +159,8 @@ def figure(group: list[dict], exp) -> str:
     if len(scores) == 1:
         return f"{fmt(mean, exp)} (1 run)"
     low, high = min(scores), max(scores)
+    if fmt(low, exp) == fmt(high, exp):
+        return f"**{fmt(mean, exp)}** ({len(scores)} runs, each {fmt(low, exp)})"
     low_high = f"{fmt(low, exp)}-{fmt(high, exp)}".replace(" %-", "-")
     return f"**{fmt(mean, exp)}** ({len(scores)} runs: {low_high})"
 

@@ -206,6 +206,8 @@ def test_a_run_counts_for_the_table_only_while_its_recipe_is_the_one_shipped():
     (standing,) = [s for s in standings.standings(counted + ignored) if s.experiment.key == "cluster16"]
     assert [sorted(r["seed"] for r in g) for g in standing.groups] == [[0, 1, 2]]
     assert standings.figure(standing.groups[0], standing.experiment) == "**30.0 %** (3 runs: 20.0-40.0 %)"
+    same = standings.figure([row(0.2, 0), row(0.2, 1)], standing.experiment)
+    assert same == "**20.0 %** (2 runs, each 20.0 %)"
     note = standings.note(standing.groups[0], standing.experiment)
     assert "seeds 0 / 1 / 2: 20.0 / 30.0 / 40.0 %" in note
     assert "stopped by a time budget after 5 of its 40 epochs" in note
