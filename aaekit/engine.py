@@ -122,12 +122,10 @@ class Trainer:
         )
         out = {"loss/reconstruction": loss.detach()}
         for key, head in self.model.heads.items():
-            penalties = [
-                head.reconstruction_penalty(),
-                head.encoder_penalty(x, codes, self.encode, self.noise),
-            ]
-            penalty = sum(p for p in penalties if p is not None)
-            if isinstance(penalty, torch.Tensor):
+            on_batch = head.encoder_penalty(x, codes, self.encode, self.noise)
+            penalties = [p for p in (head.reconstruction_penalty(), on_batch) if p is not None]
+            if penalties:
+                penalty = sum(penalties)
                 out[f"loss/penalty.{key}"] = penalty.detach()
                 loss = loss + penalty
         self.accelerator.backward(loss)

@@ -193,6 +193,14 @@ def full_epochs(row: dict) -> int:
     return int(flat(row.get("recipe_values", {})).get("train.epochs", 0))
 
 
+def cell(exp, recipe: str, groups: list[list[dict]], notes: list[str], tag: str) -> str:
+    """The table cell of ``recipe``'s counted runs; appends their note (every run) to ``notes``."""
+    if not groups:
+        return "not measured as shipped"
+    notes.append(f"- **`{recipe}`**{tag}: " + "; *and* ".join(note(g, exp) for g in groups) + ".")
+    return figure([r for g in groups for r in g], exp)
+
+
 def table(link_prefix: str = "docs/results.md") -> str:
     """The results table with its notes, as markdown; ``link_prefix`` is where the results page is from the
     file the table goes into."""
@@ -204,21 +212,10 @@ def table(link_prefix: str = "docs/results.md") -> str:
     for standing in standings():
         exp = standing.experiment
         name = f"[{exp.label}]({link_prefix}#{exp.section})"
-        ours, extended = "not measured as shipped", "—"
-        if standing.groups:
-            notes.append(
-                f"- **`{exp.recipe}`**: " + "; *and* ".join(note(g, exp) for g in standing.groups) + "."
-            )
-            ours = figure([r for g in standing.groups for r in g], exp)
+        ours = cell(exp, exp.recipe, standing.groups, notes, "")
+        extended = cell(exp, exp.extended, standing.extended, notes, " (extended)") if exp.extended else "—"
         if exp.extended:
-            extended = f"not measured as shipped (`{exp.extended}`)"
-        if standing.extended:
-            notes.append(
-                f"- **`{exp.extended}`** (extended): "
-                + "; *and* ".join(note(g, exp) for g in standing.extended)
-                + "."
-            )
-            extended = f"{figure([r for g in standing.extended for r in g], exp)} (`{exp.extended}`)"
+            extended += f" (`{exp.extended}`)"
         lines.append(f"| {name} | {exp.paper} | {exp.public} | {ours} | {extended} |")
     return "\n".join(
         [

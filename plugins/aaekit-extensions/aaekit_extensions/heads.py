@@ -64,7 +64,7 @@ class AugmentationConsistencyHead(Head):
             return (torch.rand(n, generator=generator, device=x.device) * 2 - 1) * bound
 
         angle, size = uniform(math.radians(self.rotation)), 1 + uniform(self.scale)
-        # affine_grid maps output to input coordinates in [-1, 1]: a shift of s pixels is 2 s / size
+        # affine_grid maps output to input coordinates in [-1, 1]: a shift of s pixels is 2 s / w (or / h)
         dx, dy = uniform(2 * self.shift / w), uniform(2 * self.shift / h)
         cos, sin = torch.cos(angle) / size, torch.sin(angle) / size
         theta = torch.stack([torch.stack([cos, -sin, dx], 1), torch.stack([sin, cos, dy], 1)], 1)
@@ -76,7 +76,7 @@ class AugmentationConsistencyHead(Head):
     def encoder_penalty(self, x, codes, encode, generator):
         target = codes[self.code].detach().float()
         logits = encode(self.views(x, generator))[f"{self.code}_logits"].float()
-        return self.weight * -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        return self.weight * F.cross_entropy(logits, target)  # probabilities as targets
 
 
 @hookimpl
