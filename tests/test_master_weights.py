@@ -323,7 +323,7 @@ def test_two_ranks_in_bf16_stay_identical(tmp_path):
 
 
 RANK_MEANS = textwrap.dedent("""
-    import torch, torch.distributed as dist
+    import os, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from aaekit.cpu.master_weights import mean_gradients_in_fp32
 
@@ -346,6 +346,9 @@ RANK_MEANS = textwrap.dedent("""
         print("hooked", int((layer.weight.grad != exact).sum()), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    # torch 2.13 with gloo and DDP sometimes aborts in its C++ teardown at interpreter exit ("terminate called
+    # without an active exception", about 1 run in 8 on 2 busy cores) after every rank has finished: skip it.
+    os._exit(0)
 """)
 
 
